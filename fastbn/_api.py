@@ -1,0 +1,383 @@
+"""Public entry points: validate, resolve the layout, allocate, dispatch.
+
+Everything a call can reject is rejected here, before any kernel runs, so a
+failed call leaves running statistics and out= buffers untouched.  Each kernel
+call then does a whole pass (statistics, running update, normalisation).
+"""
+
+import math
+
+import numpy as np
+
+from . import _dispatch, _threads
+from ._stats import RunningStats
+
+_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+# Parameter / statistics dtype for each data dtype (float16 computes in float32).
+PARAM_DTYPE = {_F32: _F32, _F64: _F64, _F16: _F32}
+SUPPORTED = "float16, float32 or float64"
+
+NCHW, NHWC = "nchw", "nhwc"
+
+
+class Context:
+    """What :func:`backward` needs from a :func:`forward` call.
+
+    Attributes
+    ----------
+    mean, invstd : (C,) float64 numpy arrays
+        The statistics the forward normalised with: batch statistics in
+        training, running statistics in inference.
+    layout : "nchw" or "nhwc"
+        The kernel layout the forward used (channels-first (N, C, S) or
+        channels-last (M, C) memory).
+    training : bool
+        Whether the forward used batch statistics (backward then flows
+        through them) or frozen statistics.
+    """
+
+    __slots__ = ("mean", "invstd", "layout", "training", "x", "weight", "weight_dtype",
+                 "bias_dtype", "spatial", "shape", "dtype", "perm", "adapter", "device", "num_features")
+
+    def __repr__(self):
+        return (f"Context(layout={self.layout!r}, training={self.training}, "
+                f"shape={self.shape}, dtype={self.dtype})")
+
+
+# ----------------------------------------------------------------------------
+# layouts
+
+_PERMS = {}
+
+
+def _perms(ndim, axis):
+    """(preferred layout, {layout: (perm, identity)}) for a logical shape.
+
+    perm orders the logical axes as they lie in memory: channels-first memory
+    is (N, C, spatial...), channels-last memory is (N, spatial..., C)."""
+    key = (ndim, axis)
+    hit = _PERMS.get(key)
+    if hit is None:
+        if axis == 1 and ndim > 2:
+            first = tuple(range(ndim))
+            last = (0, *range(2, ndim), 1)
+            preferred = NCHW
+        else:
+            last = tuple(range(ndim))
+            first = (0, ndim - 1, *range(1, ndim - 1))
+            preferred = NHWC
+        ident = tuple(range(ndim))
+        hit = _PERMS[key] = (preferred, {NCHW: (first, first == ident),
+                                         NHWC: (last, last == ident)})
+    return hit
+
+
+def _kernel_view(a, layout, perm, identity, C, S):
+    """``a`` as the kernel's (N, C, S) or (M, C) array without a copy, or None."""
+    v = a if identity else a.transpose(perm)
+    if not v.flags.c_contiguous:
+        return None
+    if layout == NCHW:
+        return v.reshape(v.shape[0], C, S)
+    return v.reshape(-1, C)
+
+
+def _allocate(shape, dtype, layout, perm, identity, C, S):
+    """(logical array, kernel view) of a new array in the given layout."""
+    if identity:
+        buf = np.empty(shape, dtype)
+        logical = buf
+    else:
+        buf = np.empty(tuple(shape[p] for p in perm), dtype)
+        logical = buf.transpose(np.argsort(perm))
+    view = buf.reshape(shape[0], C, S) if layout == NCHW else buf.reshape(-1, C)
+    return logical, view
+
+
+def _resolve(a, axis, C, S, argname):
+    """Choose the layout for x: the preferred one if the strides allow it,
+    else the other one if they allow that (no copy), else a copy in the
+    preferred layout.  Returns (layout, perm, identity, view)."""
+    preferred, perms = _perms(a.ndim, axis)
+    order = (preferred, NHWC if preferred == NCHW else NCHW)
+    if S == 1:
+        order = (NHWC,)            # (N, C, 1, ...) is (M, C) memory either way
+    for layout in order:
+        perm, identity = perms[layout]
+        view = _kernel_view(a, layout, perm, identity, C, S)
+        if view is not None:
+            return layout, perm, identity, view
+    layout = order[0]
+    perm, identity = perms[layout]
+    copy = np.ascontiguousarray(a if identity else a.transpose(perm))
+    return layout, perm, identity, _kernel_view(copy, layout, tuple(range(a.ndim)), True, C, S)
+
+
+# ----------------------------------------------------------------------------
+# argument checks
+
+def _check_x(x, axis, argname="x"):
+    ad = _dispatch.adapter(x, argname)
+    xn = ad.native(x, argname)
+    ndim = xn.ndim
+    if not 2 <= ndim <= 5:
+        raise ValueError(f"{argname}: expected 2 to 5 dimensions (N, C, ...), "
+                         f"got shape {tuple(xn.shape)}")
+    dtype = xn.dtype
+    if dtype not in PARAM_DTYPE:
+        raise TypeError(f"{argname}: expected dtype {SUPPORTED}, got {dtype}")
+    if axis == 1 or axis == -1 or axis == ndim - 1:
+        axis = 1 if axis == 1 else -1
+    else:
+        raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last), got {axis!r}")
+    return ad, xn, axis
+
+
+def _check_eps(eps):
+    if type(eps) is not float:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
+            raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
+        eps = float(eps)
+    if not (eps > 0.0 and eps != math.inf):
+        raise ValueError(f"eps: expected a positive finite float, got {eps}")
+    return eps
+
+
+def _check_param(p, name, ad, C, xdtype, pdtype):
+    """(array in the parameter dtype, the caller's dtype) or (None, None)."""
+    if p is None:
+        return None, None
+    pad = _dispatch.adapter(p, name)
+    if pad is not ad:
+        raise TypeError(f"{name}: expected a {ad.name} array like x, got a {pad.name} array")
+    pn = pad.native(p, name)
+    given = pn.dtype
+    if pn.shape != (C,):
+        raise ValueError(f"{name}: expected shape ({C},) to match the {C} channels of x, "
+                         f"got {tuple(pn.shape)}")
+    if pn.dtype != pdtype:
+        if pn.dtype != xdtype:
+            raise TypeError(f"{name}: expected dtype {pdtype} to match x ({xdtype}), "
+                            f"got {pn.dtype}")
+        pn = pn.astype(pdtype)
+    elif not pn.flags.c_contiguous:
+        pn = np.ascontiguousarray(pn)
+    return pn, given
+
+
+def _check_stats(stats, device, C, pdtype, xdtype):
+    if not isinstance(stats, RunningStats):
+        raise TypeError(f"stats: expected fastbn.RunningStats or None, got {type(stats).__name__}")
+    if stats.num_features != C:
+        raise ValueError(f"stats: has {stats.num_features} features, x has {C} channels")
+    if stats.dtype != pdtype:
+        raise TypeError(f"stats: dtype {stats.dtype} does not serve x of dtype {xdtype}; "
+                        f"expected RunningStats(..., dtype={pdtype.name})")
+    if stats.device != device:
+        raise TypeError(f"stats: buffers are on {stats.device}, x is on {device}")
+
+
+def _check_out(out, ad, shape, dtype, layout, perm, identity, C, S, argname="out"):
+    oad = _dispatch.adapter(out, argname)
+    if oad is not ad:
+        raise TypeError(f"{argname}: expected a {ad.name} array like the input, "
+                        f"got a {oad.name} array")
+    if not oad.writable(out):
+        raise ValueError(f"{argname}: expected a writable array, got a read-only one")
+    on = oad.native(out, argname)
+    if tuple(on.shape) != tuple(shape):
+        raise ValueError(f"{argname}: expected shape {tuple(shape)}, got {tuple(on.shape)}")
+    if on.dtype != dtype:
+        raise TypeError(f"{argname}: expected dtype {dtype}, got {on.dtype}")
+    if not on.flags.writeable:
+        raise ValueError(f"{argname}: expected a writable array, got a read-only one")
+    view = _kernel_view(on, layout, perm, identity, C, S)
+    if view is None:
+        mem = "channels-first" if layout == NCHW else "channels-last"
+        raise ValueError(f"{argname}: expected a contiguous array in the input's "
+                         f"{mem} memory layout, got strides {on.strides}")
+    return view
+
+
+# ----------------------------------------------------------------------------
+# forward / backward
+
+def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, axis=1,
+            out=None, num_threads=None):
+    """Batch normalization forward.
+
+    Parameters
+    ----------
+    x : array of rank 2 to 5, float16 / float32 / float64
+        numpy, torch (CPU) or JAX (CPU) array; the result is the same kind.
+    weight, bias : (C,) arrays or None
+        Affine parameters (None: weight 1, bias 0).  Same dtype as x, or
+        float32 for float16 x.
+    stats : RunningStats or None
+        Running statistics.  training=True updates them (if given);
+        training=False normalises with them (required).
+    training : bool
+        Batch statistics (True) or running statistics (False).
+    eps : float > 0
+    axis : 1 or -1
+        The channel axis: 1 for channels-first (NC, NCL, NCHW, NCDHW), -1 for
+        channels-last (NLC, NHWC, NDHWC).  With axis=1 an array whose strides
+        are channels-last (e.g. a torch channels_last tensor) is read in place
+        by the channels-last kernel.
+    out : array like x, optional
+        Where to write y; must have x's shape, dtype and memory layout.
+    num_threads : int, optional
+        CPU threads for this call (see :func:`fastbn.set_num_threads`).
+
+    Returns
+    -------
+    y : array like x (same shape, dtype and memory layout)
+    ctx : Context for :func:`backward`; ``ctx.mean`` and ``ctx.invstd`` are
+        the float64 statistics used.
+    """
+    ad, xn, axis = _check_x(x, axis)
+    shape = xn.shape
+    ndim = len(shape)
+    C = shape[1] if axis == 1 else shape[ndim - 1]
+    if C == 0:
+        raise ValueError(f"x: expected at least one channel, got shape {tuple(shape)}")
+    E = xn.size
+    S = math.prod(shape[2:]) if axis == 1 else math.prod(shape[1:-1])
+    dtype = xn.dtype
+    pdtype = PARAM_DTYPE[dtype]
+    device = ad.device(xn)
+    w, wdtype = _check_param(weight, "weight", ad, C, dtype, pdtype)
+    b, bdtype = _check_param(bias, "bias", ad, C, dtype, pdtype)
+    eps = _check_eps(eps)
+    training = bool(training)
+    if stats is not None:
+        _check_stats(stats, device, C, pdtype, dtype)
+    if training:
+        if E // C <= 1:
+            raise ValueError("x: expected more than 1 value per channel when training, "
+                             f"got shape {tuple(shape)}")
+    elif stats is None:
+        raise ValueError("stats: inference (training=False) normalises with running "
+                         "statistics; expected a RunningStats, got None")
+    nt = _threads.resolve(num_threads)
+
+    layout, perm, identity, xv = _resolve(xn, axis, C, S, "x")
+    if out is None:
+        y, yv = _allocate(shape, dtype, layout, perm, identity, C, S)
+    else:
+        yv = _check_out(out, ad, shape, dtype, layout, perm, identity, C, S)
+        if np.may_share_memory(yv, xv) and training:
+            raise ValueError("out: may not overlap x when training (backward needs x); "
+                             "in-place forward is supported with training=False")
+    mean = np.empty(C, _F64)
+    invstd = np.empty(C, _F64)
+    kernels = _dispatch.backend(device)
+    if training:
+        if stats is not None:
+            factor = stats._next_factor()
+            rm, rv = stats._mean, stats._var
+        else:
+            factor, rm, rv = 0.0, None, None
+        getattr(kernels, "forward_train_" + layout)(xv, yv, w, b, mean, invstd, rm, rv,
+                                                     factor, eps, nt)
+        if stats is not None:
+            stats.num_batches_tracked += 1
+    else:
+        getattr(kernels, "forward_infer_" + layout)(xv, yv, w, b, mean, invstd, stats._mean,
+                                                     stats._var, eps, nt)
+
+    ctx = Context()
+    ctx.mean = mean
+    ctx.invstd = invstd
+    ctx.layout = layout
+    ctx.training = training
+    # An in-place inference overwrote x: backward can still give dx, not dweight.
+    ctx.x = None if out is not None and np.may_share_memory(yv, xv) else xv
+    ctx.weight = w
+    ctx.weight_dtype = wdtype
+    ctx.bias_dtype = bdtype
+    ctx.spatial = S
+    ctx.shape = tuple(shape)
+    ctx.dtype = dtype
+    ctx.perm = (perm, identity)
+    ctx.adapter = ad
+    ctx.device = device
+    ctx.num_features = C
+    if out is not None:
+        return out, ctx
+    return ad.wrap(y), ctx
+
+
+def backward(dy, ctx, *, out=None, num_threads=None):
+    """Batch normalization backward.
+
+    Parameters
+    ----------
+    dy : array like the forward's x (same kind, shape and dtype)
+        Gradient of the loss with respect to y.
+    ctx : Context from :func:`forward`
+        A training forward gives the gradient through the batch statistics;
+        an inference forward treats the statistics as constants.
+    out : array like x, optional
+        Where to write dx (x's shape, dtype and memory layout).  May be dy
+        itself (in-place); may not overlap x.
+    num_threads : int, optional
+
+    Returns
+    -------
+    dx : array like dy
+    dweight, dbias : (C,) arrays, or None where the forward had no weight /
+        no bias.
+    """
+    if not isinstance(ctx, Context):
+        raise TypeError(f"ctx: expected the Context returned by fastbn.forward, "
+                        f"got {type(ctx).__name__}")
+    ad = _dispatch.adapter(dy, "dy")
+    if ad is not ctx.adapter:
+        raise TypeError(f"dy: expected a {ctx.adapter.name} array like x, got a {ad.name} array")
+    dyn = ad.native(dy, "dy")
+    if tuple(dyn.shape) != ctx.shape:
+        raise ValueError(f"dy: expected shape {ctx.shape} (the shape of x), got {tuple(dyn.shape)}")
+    if dyn.dtype != ctx.dtype:
+        raise TypeError(f"dy: expected dtype {ctx.dtype} (the dtype of x), got {dyn.dtype}")
+    nt = _threads.resolve(num_threads)
+    C = ctx.num_features
+    layout = ctx.layout
+    perm, identity = ctx.perm
+    S = ctx.spatial
+    dyv = _kernel_view(dyn, layout, perm, identity, C, S)
+    if dyv is None:          # any other strides: one copy into x's layout
+        dyv = _kernel_view(np.ascontiguousarray(dyn if identity else dyn.transpose(perm)),
+                           layout, tuple(range(dyn.ndim)), True, C, S)
+    xv = ctx.x
+    needs_x = ctx.training or ctx.weight_dtype is not None or ctx.bias_dtype is not None
+    if xv is None and needs_x:
+        raise ValueError("ctx: the forward wrote y over x (in-place), so x is gone; "
+                         "backward can only give dx for an eval forward without affine")
+    if out is None:
+        dx, dxv = _allocate(ctx.shape, ctx.dtype, layout, perm, identity, C, S)
+    else:
+        dxv = _check_out(out, ad, ctx.shape, ctx.dtype, layout, perm, identity, C, S)
+        if xv is not None and np.may_share_memory(dxv, xv):
+            raise ValueError("out: may not overlap x (the forward's input)")
+        if np.may_share_memory(dxv, dyv) and not (
+                dxv.__array_interface__["data"][0] == dyv.__array_interface__["data"][0]
+                and dxv.strides == dyv.strides):
+            raise ValueError("out: may be dy itself but must not partly overlap it")
+    pdtype = PARAM_DTYPE[ctx.dtype]
+    dweight = None if ctx.weight_dtype is None else np.empty(C, pdtype)
+    dbias = None if ctx.bias_dtype is None else np.empty(C, pdtype)
+    kernels = _dispatch.backend(ctx.device)
+    getattr(kernels, "backward_" + layout)(xv if xv is not None else dyv, dyv, dxv, ctx.mean,
+                                           ctx.invstd, ctx.weight, dweight, dbias,
+                                           ctx.training, nt)
+    if dweight is not None:
+        if dweight.dtype != ctx.weight_dtype:
+            dweight = dweight.astype(ctx.weight_dtype)
+        dweight = ad.wrap(dweight)
+    if dbias is not None:
+        if dbias.dtype != ctx.bias_dtype:
+            dbias = dbias.astype(ctx.bias_dtype)
+        dbias = ad.wrap(dbias)
+    return (out if out is not None else ad.wrap(dx)), dweight, dbias
+

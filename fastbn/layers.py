@@ -1,0 +1,144 @@
+"""BatchNorm: a stateful layer for hand-written training engines."""
+
+import numpy as np
+
+from . import _api, _dispatch
+from ._stats import KEYS as _STAT_KEYS
+from ._stats import RunningStats
+
+
+class BatchNorm:
+    """Batch normalization over the channel axis, PyTorch-compatible.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels C.
+    eps : float
+    momentum : float in [0, 1] or None (cumulative average)
+    affine : bool
+        Learnable weight (ones) and bias (zeros).
+    track_running_stats : bool
+        Keep running statistics (used in eval mode).  Without them the layer
+        always normalises with batch statistics, as PyTorch does.
+    axis : 1 or -1
+        Channel axis (1: NCHW and friends, -1: NHWC and friends).
+    dtype : float32 or float64
+        Dtype of weight, bias and running statistics.  float32 serves
+        float16 and float32 inputs.
+    num_threads : int, optional
+        CPU threads for this layer's calls.
+
+    Usage::
+
+        bn = BatchNorm(64)
+        y = bn.forward(x)          # training mode by default
+        dx = bn.backward(dy)       # fills bn.grad_weight, bn.grad_bias
+        bn.eval(); y = bn.forward(x)
+    """
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, axis=1, dtype=np.float32, num_threads=None):
+        self.num_features = int(num_features)
+        self.eps = _api._check_eps(eps)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = axis
+        self.num_threads = num_threads
+        self.dtype = np.dtype(dtype)
+        self.stats = (RunningStats(num_features, momentum=momentum, dtype=self.dtype)
+                      if track_running_stats else None)
+        self._momentum = momentum
+        if self.affine:
+            self.weight = np.ones(self.num_features, self.dtype)
+            self.bias = np.zeros(self.num_features, self.dtype)
+        else:
+            self.weight = self.bias = None
+        self.grad_weight = self.grad_bias = None
+        self.training = True
+        self._ctx = None
+
+    @property
+    def momentum(self):
+        return self.stats.momentum if self.stats is not None else self._momentum
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, x, *, out=None):
+        return self.forward(x, out=out)
+
+    def forward(self, x, *, out=None):
+        """y for x (any supported array); remembers what backward needs."""
+        # Without running statistics even eval mode uses batch statistics.
+        batch = self.training or self.stats is None
+        y, self._ctx = _api.forward(x, self._param(self.weight, x), self._param(self.bias, x),
+                                    self.stats, training=batch, eps=self.eps, axis=self.axis,
+                                    out=out, num_threads=self.num_threads)
+        return y
+
+    def backward(self, dy, *, out=None):
+        """dx for dy; sets grad_weight and grad_bias (numpy arrays) when affine."""
+        if self._ctx is None:
+            raise RuntimeError("backward() called before forward()")
+        dx, dw, db = _api.backward(dy, self._ctx, out=out, num_threads=self.num_threads)
+        if self.affine:
+            self.grad_weight = _dispatch.to_host_numpy(dw, "dweight")
+            self.grad_bias = _dispatch.to_host_numpy(db, "dbias")
+        return dx
+
+    def _param(self, p, x):
+        """The parameter as the caller's kind of array (shares memory)."""
+        if p is None:
+            return None
+        ad = _dispatch.adapter(x)
+        return p if ad.name == "numpy" else ad.wrap(p)
+
+    # -- checkpoints ---------------------------------------------------------
+    def state_dict(self):
+        """weight, bias, running_mean, running_var, num_batches_tracked (as in
+        torch.nn.BatchNorm2d.state_dict()), as numpy copies."""
+        d = {}
+        if self.affine:
+            d["weight"] = self.weight.copy()
+            d["bias"] = self.bias.copy()
+        if self.stats is not None:
+            d.update(self.stats.state_dict())
+        return d
+
+    def load_state_dict(self, state, *, strict=True):
+        """Load a state dict from this class or from torch's BatchNorm (tensor
+        values are read through DLPack).  All of it is checked first."""
+        expected = (["weight", "bias"] if self.affine else []) + (
+            list(_STAT_KEYS) if self.stats is not None else [])
+        keys = set(state.keys())
+        missing = [k for k in expected if k not in keys and k != "num_batches_tracked"]
+        extra = sorted(keys - set(expected))
+        if missing or (strict and extra):
+            raise ValueError(f"state: expected keys {expected}; missing {missing}, "
+                             f"unexpected {extra}")
+        params = {}
+        for k in ("weight", "bias") if self.affine else ():
+            a = _dispatch.to_host_numpy(state[k], k)
+            if a.shape != (self.num_features,):
+                raise ValueError(f"{k}: expected shape ({self.num_features},), got {a.shape}")
+            if a.dtype.kind != "f":
+                raise TypeError(f"{k}: expected a floating-point array, got {a.dtype}")
+            params[k] = a
+        stat_values = None
+        if self.stats is not None:
+            stat_values = self.stats._parse_state(
+                {k: state[k] for k in _STAT_KEYS if k in state}, strict=False)
+        for k, a in params.items():
+            getattr(self, k)[...] = a
+        if stat_values is not None:
+            self.stats._assign(*stat_values)
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis})")
