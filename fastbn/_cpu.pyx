@@ -399,7 +399,6 @@ cdef int nchw_forward(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef int nt
     cdef bint train = j.op == FWD_TRAIN_NCHW
     cdef double s1, s2
-    cdef double coef[4]
     cdef param_t* rm = <param_t*>j.running_mean
     cdef param_t* rv = <param_t*>j.running_var
     cdef const param_t* w = <const param_t*>j.weight
@@ -411,7 +410,11 @@ cdef int nchw_forward(Job* j, const data_t* x, param_t* p) noexcept nogil:
         return -1
     if train and (C >= 2 * j.n_threads or nq == 1):
         nt = team(C, C * n, j.n_threads)
+        # Inside prange only assigned scalars are thread-private: per-channel
+        # results go to per-channel slots of the scratch buffer.
         for c in prange(C, schedule='static', num_threads=nt):
+            s1 = 0.0
+            s2 = 0.0
             for q in range(nq):
                 part[2 * (c * nq + q)] = 0.0
                 part[2 * (c * nq + q) + 1] = 0.0
@@ -419,9 +422,9 @@ cdef int nchw_forward(Job* j, const data_t* x, param_t* p) noexcept nogil:
                            &part[2 * (c * nq + q)])
             merge(&part[2 * c * nq], nq, &s1, &s2)
             finish_stats(j, c, ld(x, c * j.S), s1, s2, n, rm, rv)
-            affine_coefs(j, c, w, b, coef)
+            affine_coefs(j, c, w, b, &cf[3 * c])
             for q in range(nq):
-                nchw_chunk(j, x, c, q, V_AFFINE, 0.0, coef, NULL)
+                nchw_chunk(j, x, c, q, V_AFFINE, 0.0, &cf[3 * c], NULL)
     else:
         nt = team(C * nq, C * n, j.n_threads)
         if train:
@@ -452,7 +455,6 @@ cdef int nchw_backward(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef bint sums = j.training or j.dweight != NULL or j.dbias != NULL
     cdef Visit what = V_DX if j.training else V_DX_EVAL
     cdef double s1, s2
-    cdef double coef[4]
     cdef const param_t* w = <const param_t*>j.weight
     cdef double* part = <double*>malloc(<size_t>(2 * C * nq + 4 * C) * sizeof(double))
     cdef double* cf = part + 2 * C * nq
@@ -470,9 +472,9 @@ cdef int nchw_backward(Job* j, const data_t* x, param_t* p) noexcept nogil:
                     nchw_chunk(j, x, c, q, V_GRAD_SUMS, j.mean[c], NULL,
                                &part[2 * (c * nq + q)])
                 merge(&part[2 * c * nq], nq, &s1, &s2)
-            grad_coefs(j, c, s1, s2, n, w, coef)
+            grad_coefs(j, c, s1, s2, n, w, &cf[4 * c])
             for q in range(nq):
-                nchw_chunk(j, x, c, q, what, 0.0, coef, NULL)
+                nchw_chunk(j, x, c, q, what, 0.0, &cf[4 * c], NULL)
     else:
         nt = team(C * nq, C * n, j.n_threads)
         if sums:
@@ -635,7 +637,7 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         cf[c] = coef[0]
         cf[C + c] = coef[1]
         cf[2 * C + c] = coef[2]
-        cf[3 * C + c] = coef[3] if not fwd else 0.0
+        cf[3 * C + c] = 0.0 if fwd else coef[3]
     nt = team(nr, M * C, j.n_threads)
     for t in prange(nr, schedule='static', num_threads=nt):
         r1 = (t + 1) * rb

@@ -1,0 +1,108 @@
+"""Every mode x layout x rank x dtype x affine option against the float64 reference."""
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import _reference as R
+
+from .conftest import assert_close, make_x, param_dtype
+
+C = 5
+SHAPES = {2: (37, C), 3: (6, C, 13), 4: (4, C, 7, 3), 5: (3, C, 4, 3, 5)}
+DTYPES = [np.float16, np.float32, np.float64]
+
+
+def _layout_input(x, layout):
+    """(array to pass, axis, logical channels-first array for the reference).
+
+    layouts: "cf" channels-first contiguous with axis=1; "cl-strided" the same
+    logical shape with channels-last strides (axis=1); "cl" channels-last shape
+    with axis=-1."""
+    if layout == "cf":
+        return x, 1
+    perm = (0, *range(2, x.ndim), 1)
+    nhwc = np.ascontiguousarray(x.transpose(perm))
+    if layout == "cl-strided":
+        return nhwc.transpose(np.argsort(perm)), 1
+    return nhwc, -1
+
+
+@pytest.mark.parametrize("affine", ["none", "weight", "both"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("layout", ["cf", "cl-strided", "cl"])
+@pytest.mark.parametrize("mode", ["train-stats", "train-nostats", "infer"])
+def test_forward_backward_match_reference(rng, mode, layout, rank, dtype, affine):
+    x0 = make_x(rng, SHAPES[rank], dtype, offset=3.0, scale=2.0)
+    x, axis = _layout_input(x0, layout)
+    pdt = param_dtype(dtype)
+    w = rng.standard_normal(C).astype(pdt) if affine != "none" else None
+    b = rng.standard_normal(C).astype(pdt) if affine == "both" else None
+    rm0 = rng.standard_normal(C)
+    rv0 = rng.uniform(0.5, 3.0, C)
+    stats = None
+    if mode != "train-nostats":
+        stats = fastbn.RunningStats(C, momentum=0.3, dtype=pdt)
+        stats.load_state_dict({"running_mean": rm0, "running_var": rv0,
+                               "num_batches_tracked": np.int64(4)})
+        rm0 = stats.mean.astype(np.float64)       # as rounded into the buffers
+        rv0 = stats.var.astype(np.float64)
+    training = mode != "infer"
+
+    y, ctx = fastbn.forward(x, w, b, stats, training=training, axis=axis)
+    ref = R.forward(x, w, b, rm0 if stats else None, rv0 if stats else None,
+                    training=training, momentum=0.3, num_batches_tracked=4, axis=axis)
+
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert y.strides == x.strides                  # output keeps the input's layout
+    assert ctx.layout == ("nchw" if layout == "cf" and rank > 2 else "nhwc")
+    assert_close(y, ref.y, dtype, "y")
+    assert_close(ctx.mean, ref.mean, np.float64, "ctx.mean")
+    assert_close(ctx.invstd, ref.invstd, np.float64, "ctx.invstd")
+    if stats is not None:
+        assert_close(stats.mean, ref.running_mean, pdt, "running_mean")
+        assert_close(stats.var, ref.running_var, pdt, "running_var")
+        assert stats.num_batches_tracked == ref.num_batches_tracked
+
+    dy = make_x(rng, x.shape, dtype)
+    dy = np.ascontiguousarray(dy) if layout != "cl-strided" else dy   # any strides allowed
+    dx, dw, db = fastbn.backward(dy, ctx)
+    rdx, rdw, rdb = R.backward(dy, x, ref.mean, ref.invstd, w, training=training, axis=axis)
+    assert dx.shape == x.shape and dx.dtype == x.dtype and dx.strides == x.strides
+    assert_close(dx, rdx, dtype, "dx")
+    if w is None:
+        assert dw is None
+    else:
+        assert dw.dtype == w.dtype
+        assert_close(dw, rdw, pdt, "dweight")
+    if b is None:
+        assert db is None
+    else:
+        assert_close(db, rdb, pdt, "dbias")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,axis", [
+    ((2, 1, 150, 120), 1),      # C = 1, several chunks per channel: split path
+    ((3, 2, 101, 97), 1),       # C below the thread count
+    ((5, 70, 9, 11), 1),        # many channels: per-channel fused path
+    ((40, 9, 11, 600), -1),     # channels-last, more than one channel block
+    ((4000, 3), 1),             # rank 2, many row chunks
+])
+def test_large_shapes_match_reference(rng, shape, axis, dtype):
+    x = make_x(rng, shape, dtype, offset=-2.0)
+    Cn = shape[axis]
+    w = rng.standard_normal(Cn).astype(dtype)
+    b = rng.standard_normal(Cn).astype(dtype)
+    stats = fastbn.RunningStats(Cn, dtype=dtype)
+    y, ctx = fastbn.forward(x, w, b, stats, axis=axis)
+    ref = R.forward(x, w, b, np.zeros(Cn), np.ones(Cn), axis=axis)
+    assert_close(y, ref.y, dtype, "y")
+    assert_close(stats.var, ref.running_var, dtype, "running_var")
+    dy = make_x(rng, shape, dtype)
+    dx, dw, db = fastbn.backward(dy, ctx)
+    rdx, rdw, rdb = R.backward(dy, x, ref.mean, ref.invstd, w, axis=axis)
+    assert_close(dx, rdx, dtype, "dx")
+    assert_close(dw, rdw, dtype, "dweight")
+    assert_close(db, rdb, dtype, "dbias")

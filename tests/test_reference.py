@@ -1,0 +1,57 @@
+"""The oracle itself: its gradients against central finite differences."""
+
+import numpy as np
+import pytest
+
+from fastbn import _reference as R
+
+
+def _loss(x, w, b, g, training, stats, axis):
+    rm, rv = stats
+    out = R.forward(x, w, b, rm, rv, training=training, axis=axis)
+    return float(np.sum(out.y * g))
+
+
+def _numeric_grad(f, a, h=1e-6):
+    grad = np.zeros_like(a)
+    it = np.nditer(a, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = a[i]
+        a[i] = old + h
+        up = f()
+        a[i] = old - h
+        down = f()
+        a[i] = old
+        grad[i] = (up - down) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5), 1), ((3, 2, 2, 3), -1), ((6, 4), 1)])
+def test_reference_gradients_match_finite_differences(shape, axis, training):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape) * 2 + 0.5
+    C = shape[axis]
+    w = rng.standard_normal(C)
+    b = rng.standard_normal(C)
+    g = rng.standard_normal(shape)
+    stats = (rng.standard_normal(C), rng.uniform(0.5, 2.0, C))
+    f = lambda: _loss(x, w, b, g, training, stats, axis)  # noqa: E731
+    out = R.forward(x, w, b, *stats, training=training, axis=axis)
+    dx, dw, db = R.backward(g, x, out.mean, out.invstd, w, training=training, axis=axis)
+    np.testing.assert_allclose(dx, _numeric_grad(f, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dw, _numeric_grad(f, w), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(db, _numeric_grad(f, b), rtol=1e-6, atol=1e-7)
+
+
+def test_reference_running_update_is_pytorch_rule():
+    x = np.arange(24, dtype=np.float64).reshape(2, 3, 4) ** 1.5
+    out = R.forward(x, None, None, np.zeros(3), np.ones(3), momentum=0.25)
+    xc = np.moveaxis(x, 1, -1).reshape(-1, 3)
+    np.testing.assert_allclose(out.running_mean, 0.25 * xc.mean(0))
+    np.testing.assert_allclose(out.running_var, 0.75 + 0.25 * xc.var(0, ddof=1))
+    assert out.num_batches_tracked == 1
+    cma = R.forward(x, None, None, out.running_mean, out.running_var, momentum=None,
+                    num_batches_tracked=1)
+    np.testing.assert_allclose(cma.running_mean, 0.5 * out.running_mean + 0.5 * xc.mean(0))
