@@ -36,7 +36,7 @@ extensions = [
     Extension(
         "fastbn._cpu",
         ["fastbn/_cpu.pyx"],
-        include_dirs=[numpy.get_include()],
+        include_dirs=[numpy.get_include(), "fastbn"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

@@ -39,74 +39,52 @@ cdef extern from * nogil:
     #define FASTBN_OPENMP 0
     static int omp_get_max_threads(void) { return 1; }
     #endif
-
-    #include <string.h>
-    #include <stdint.h>
-
-    /* IEEE binary16 <-> binary32.  GCC >= 12 and clang give x86 a native
-       _Float16, which compiles to F16C instructions where the target has them
-       and vectorises; otherwise a portable bit-exact version is used. */
-    #if defined(__FLT16_MAX__) && !defined(FASTBN_NO_FLOAT16)
-    static inline float fastbn_h2f(uint16_t h) {
-        _Float16 v; memcpy(&v, &h, 2); return (float)v;
-    }
-    static inline uint16_t fastbn_f2h(float f) {
-        _Float16 v = (_Float16)f; uint16_t h; memcpy(&h, &v, 2); return h;
-    }
-    #else
-    static inline float fastbn_h2f(uint16_t h) {
-        uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-        uint32_t expo = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
-        if (expo == 0x1fu) {
-            bits = sign | 0x7f800000u | (mant << 13);
-        } else if (expo != 0) {
-            bits = sign | ((expo + 112u) << 23) | (mant << 13);
-        } else if (mant == 0) {
-            bits = sign;
-        } else {            /* subnormal half: normalise */
-            int e = -1;
-            do { mant <<= 1; e++; } while (!(mant & 0x400u));
-            bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3ffu) << 13);
-        }
-        float f; memcpy(&f, &bits, 4); return f;
-    }
-    static inline uint16_t fastbn_f2h(float f) {
-        uint32_t x; memcpy(&x, &f, 4);
-        uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-        uint32_t absx = x & 0x7fffffffu;
-        if (absx >= 0x7f800000u)              /* Inf or NaN (keep NaN quiet) */
-            return sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0u);
-        if (absx >= 0x477ff000u)              /* rounds to >= 65520: overflow */
-            return sign | 0x7c00u;
-        if (absx < 0x38800000u) {             /* result is subnormal or zero */
-            if (absx < 0x33000000u) return sign;
-            uint32_t m = (absx & 0x7fffffu) | 0x800000u;
-            int shift = 126 - (int)(absx >> 23);
-            uint32_t r = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
-            if (rem > half || (rem == half && (r & 1u))) r++;
-            return sign | (uint16_t)r;
-        }
-        uint32_t r = absx + 0xc8000fffu + ((absx >> 13) & 1u);  /* rebias + RNE */
-        return sign | (uint16_t)(r >> 13);
-    }
-    #endif
     """
     int omp_get_max_threads()
     int FASTBN_OPENMP
+
+cdef extern from "_simd.h" nogil:
     float fastbn_h2f(unsigned short h)
-    unsigned short fastbn_f2h(float f)
+    void fbn_sums_f32(const float* x, Py_ssize_t n, double shift, float fill, double* s)
+    void fbn_gsums_f32(const float* x, const float* g, Py_ssize_t n, double mean, double* s)
+    void fbn_ew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t n, double mean, double a, double b, double k)
+    void fbn_tsums_f32(const float* x, const float* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
+    void fbn_tew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols)
+    void fbn_sums_f64(const double* x, Py_ssize_t n, double shift, double fill, double* s)
+    void fbn_gsums_f64(const double* x, const double* g, Py_ssize_t n, double mean, double* s)
+    void fbn_ew_f64(int op, const double* x, const double* g, double* y, Py_ssize_t n, double mean, double a, double b, double k)
+    void fbn_tsums_f64(const double* x, const double* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
+    void fbn_tew_f64(int op, const double* x, const double* g, double* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* cols)
+    void fbn_sums_f16(const unsigned short* x, Py_ssize_t n, double shift, unsigned short fill, double* s)
+    void fbn_gsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t n, double mean, double* s)
+    void fbn_ew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, double mean, double a, double b, double k)
+    void fbn_tsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
+    void fbn_tew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols)
 
 # Elements per statistics chunk of one channel (channels-first) and the least
 # number of rows per chunk (channels-last).  Part of the numerical definition:
 # changing them changes the last bits of the statistics (never the thread count).
 DEF CHUNK = 8192
 DEF MIN_ROWS = 64
-# Channels-last reductions work on blocks of this many channels at a time.
-DEF CBLOCK = 512
 # Below this many elements a call runs on one thread: waking the team costs more.
 DEF SERIAL_BELOW = 32768
-# Element-wise passes (normalise, dx) split the work in blocks of this many.
+# Element-wise passes split the work in tasks of about this many elements.
 DEF EW_BLOCK = 16384
+# Channels-first blocks hold enough channels for runs of at least this many
+# contiguous bytes (the prefetchers need a few KiB to stream).
+DEF RUN_BYTES_DEFAULT = 32768
+# Channels-last: channel tiles of the split reduction, and the working set a
+# channel block may have so that its second pass hits cache.
+DEF CTASK = 256
+DEF NHWC_BLOCK_BYTES_DEFAULT = 2097152
+# Tensors at least this large are worth a cache-blocked two-pass traversal.
+DEF BLOCK_ABOVE_BYTES_DEFAULT = 8388608
+
+# Traversal choices (not numerics: any value gives the same bits), settable
+# through _set_tuning() for benchmarking.
+cdef Py_ssize_t RUN_BYTES = RUN_BYTES_DEFAULT
+cdef Py_ssize_t NHWC_BLOCK_BYTES = NHWC_BLOCK_BYTES_DEFAULT
+cdef Py_ssize_t BLOCK_ABOVE_BYTES = BLOCK_ABOVE_BYTES_DEFAULT
 
 ctypedef unsigned short half_t
 
@@ -157,7 +135,7 @@ ctypedef struct Job:
 
 
 # ----------------------------------------------------------------------------
-# element access
+# typed access to the SIMD primitives of _simd.h
 
 cdef inline double ld(const data_t* p, Py_ssize_t i) noexcept nogil:
     if data_t is half_t:
@@ -166,19 +144,87 @@ cdef inline double ld(const data_t* p, Py_ssize_t i) noexcept nogil:
         return <double>p[i]
 
 
-cdef inline void st(data_t* p, Py_ssize_t i, double v) noexcept nogil:
-    if data_t is half_t:
-        p[i] = fastbn_f2h(<float>v)
-    elif data_t is float:
-        p[i] = <float>v
-    else:
-        p[i] = v
-
-
 cdef inline double ldp(const param_t* p, Py_ssize_t i, double default) noexcept nogil:
     if p == NULL:
         return default
     return <double>p[i]
+
+
+cdef inline void sums(const data_t* x, Py_ssize_t n, double shift, data_t fill,
+                      double* s) noexcept nogil:
+    if data_t is float:
+        fbn_sums_f32(x, n, shift, fill, s)
+    elif data_t is double:
+        fbn_sums_f64(x, n, shift, fill, s)
+    else:
+        fbn_sums_f16(x, n, shift, fill, s)
+
+
+cdef inline void gsums(const data_t* x, const data_t* g, Py_ssize_t n, double mean,
+                       double* s) noexcept nogil:
+    if data_t is float:
+        fbn_gsums_f32(x, g, n, mean, s)
+    elif data_t is double:
+        fbn_gsums_f64(x, g, n, mean, s)
+    else:
+        fbn_gsums_f16(x, g, n, mean, s)
+
+
+cdef inline void run_ew(int op, const data_t* x, const data_t* g, data_t* y, Py_ssize_t n,
+                        const double* cf) noexcept nogil:
+    """One contiguous run, coefficients cf = (mean, a, b, k):
+    op 0: y = (x - mean) a + b;  op 1: y = a g + b (x - mean) + k;  op 2: y = a g."""
+    if data_t is float:
+        fbn_ew_f32(op, x, g, y, n, cf[0], cf[1], cf[2], cf[3])
+    elif data_t is double:
+        fbn_ew_f64(op, x, g, y, n, cf[0], cf[1], cf[2], cf[3])
+    else:
+        fbn_ew_f16(op, x, g, y, n, cf[0], cf[1], cf[2], cf[3])
+
+
+cdef inline void tile_sums(const data_t* x, const data_t* g, Py_ssize_t C, Py_ssize_t r0,
+                           Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift,
+                           double* ps, double* pq) noexcept nogil:
+    if data_t is float:
+        fbn_tsums_f32(x, g, C, r0, r1, c0, c1, shift, ps, pq)
+    elif data_t is double:
+        fbn_tsums_f64(x, g, C, r0, r1, c0, c1, shift, ps, pq)
+    else:
+        fbn_tsums_f16(x, g, C, r0, r1, c0, c1, shift, ps, pq)
+
+
+cdef inline void tile_ew(int op, const data_t* x, const data_t* g, data_t* y, Py_ssize_t C,
+                         Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
+                         const void* cols) noexcept nogil:
+    """Element-wise op (as run_ew) on rows [r0, r1) x channels [c0, c1); cols
+    holds the columns hi, lo, a, b, k (math type) of length C."""
+    if data_t is float:
+        fbn_tew_f32(op, x, g, y, C, r0, r1, c0, c1, <const float*>cols)
+    elif data_t is double:
+        fbn_tew_f64(op, x, g, y, C, r0, r1, c0, c1, <const double*>cols)
+    else:
+        fbn_tew_f16(op, x, g, y, C, r0, r1, c0, c1, <const float*>cols)
+
+
+cdef inline void set_col(const data_t* x, void* cols, Py_ssize_t i, double v) noexcept nogil:
+    """cols[i] = v in the math type of data_t (float, or double for float64)."""
+    if data_t is double:
+        (<double*>cols)[i] = v
+    else:
+        (<float*>cols)[i] = <float>v
+
+
+cdef inline void set_split(const data_t* x, void* cols, Py_ssize_t i, Py_ssize_t C,
+                           double v) noexcept nogil:
+    """cols[i] = hi, cols[C + i] = lo with hi + lo = v, hi the nearest math-type value."""
+    cdef float h
+    if data_t is double:
+        (<double*>cols)[i] = v
+        (<double*>cols)[C + i] = 0.0
+    else:
+        h = <float>v
+        (<float*>cols)[i] = h
+        (<float*>cols)[C + i] = <float>(v - <double>h)
 
 
 cdef inline int team(Py_ssize_t work, Py_ssize_t elements, int n_threads) noexcept nogil:
@@ -190,85 +236,8 @@ cdef inline int team(Py_ssize_t work, Py_ssize_t elements, int n_threads) noexce
     return n_threads
 
 
-# ----------------------------------------------------------------------------
-# contiguous-run primitives (the hot loops)
-
-cdef inline void run_sums(const data_t* x, Py_ssize_t n, double shift,
-                          double* s1, double* s2) noexcept nogil:
-    """s1 += sum(x - shift), s2 += sum((x - shift)**2) over a contiguous run.
-
-    Eight independent lanes break the add latency chain and let the compiler
-    vectorise without reassociating (no -ffast-math); the lanes are combined
-    in a fixed tree, so the result depends only on the run.
-    """
-    cdef double a[8]
-    cdef double b[8]
-    cdef double d, t1 = 0.0, t2 = 0.0
-    cdef Py_ssize_t i = 0, k
-    for k in range(8):
-        a[k] = 0.0
-        b[k] = 0.0
-    while i + 8 <= n:
-        for k in range(8):
-            d = ld(x, i + k) - shift
-            a[k] += d
-            b[k] += d * d
-        i += 8
-    while i < n:
-        d = ld(x, i) - shift
-        t1 += d
-        t2 += d * d
-        i += 1
-    s1[0] += (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + t1
-    s2[0] += (((b[0] + b[4]) + (b[1] + b[5])) + ((b[2] + b[6]) + (b[3] + b[7]))) + t2
-
-
-cdef inline void run_grad_sums(const data_t* x, const data_t* dy, Py_ssize_t n,
-                               double mean, double* s1, double* s2) noexcept nogil:
-    """s1 += sum(dy), s2 += sum(dy * (x - mean)) over a contiguous run."""
-    cdef double a[8]
-    cdef double b[8]
-    cdef double g, t1 = 0.0, t2 = 0.0
-    cdef Py_ssize_t i = 0, k
-    for k in range(8):
-        a[k] = 0.0
-        b[k] = 0.0
-    while i + 8 <= n:
-        for k in range(8):
-            g = ld(dy, i + k)
-            a[k] += g
-            b[k] += g * (ld(x, i + k) - mean)
-        i += 8
-    while i < n:
-        g = ld(dy, i)
-        t1 += g
-        t2 += g * (ld(x, i) - mean)
-        i += 1
-    s1[0] += (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + t1
-    s2[0] += (((b[0] + b[4]) + (b[1] + b[5])) + ((b[2] + b[6]) + (b[3] + b[7]))) + t2
-
-
-cdef inline void run_affine(const data_t* x, data_t* y, Py_ssize_t n,
-                            double mean, double scale, double shift) noexcept nogil:
-    """y = (x - mean) * scale + shift over a contiguous run."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        st(y, i, (ld(x, i) - mean) * scale + shift)
-
-
-cdef inline void run_dx(const data_t* x, const data_t* dy, data_t* dx, Py_ssize_t n,
-                        double mean, double a, double b, double c) noexcept nogil:
-    """dx = a * dy + b * (x - mean) + c over a contiguous run."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        st(dx, i, a * ld(dy, i) + b * (ld(x, i) - mean) + c)
-
-
-cdef inline void run_scale(const data_t* dy, data_t* dx, Py_ssize_t n, double a) noexcept nogil:
-    """dx = a * dy over a contiguous run (eval-mode backward)."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        st(dx, i, a * ld(dy, i))
+cdef inline Py_ssize_t cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
 
 
 # ----------------------------------------------------------------------------
@@ -300,41 +269,44 @@ cdef inline void infer_stats(Job* j, Py_ssize_t c, const param_t* rm,
 
 
 cdef inline void affine_coefs(Job* j, Py_ssize_t c, const param_t* w, const param_t* bias,
-                              double* coef) noexcept nogil:
-    """coef[0:3] = (mean, scale, shift) so that y = (x - mean) * scale + shift."""
-    coef[0] = j.mean[c]
-    coef[1] = ldp(w, c, 1.0) * j.invstd[c]
-    coef[2] = ldp(bias, c, 0.0)
+                              double* mean, double* a, double* b, double* k) noexcept nogil:
+    """y = (x - mean) * a + b."""
+    mean[0] = j.mean[c]
+    a[0] = ldp(w, c, 1.0) * j.invstd[c]
+    b[0] = ldp(bias, c, 0.0)
+    k[0] = 0.0
 
 
 cdef inline void grad_coefs(Job* j, Py_ssize_t c, double sdy, double sdyx, Py_ssize_t n,
-                            const param_t* w, double* coef) noexcept nogil:
+                            const param_t* w, double* mean, double* a, double* b,
+                            double* k) noexcept nogil:
     """Write dweight / dbias of channel c from sdy = sum(dy) and
-    sdyx = sum(dy * (x - mean)); coef[0:4] = (mean, a, b, k) so that
-    dx = a * dy + b * (x - mean) + k (b = k = 0 in eval mode)."""
+    sdyx = sum(dy * (x - mean)); dx = a * dy + b * (x - mean) + k
+    (b = k = 0 in eval mode)."""
     cdef double invstd = j.invstd[c]
     cdef double wi = ldp(w, c, 1.0) * invstd
     if j.dweight != NULL:
         (<param_t*>j.dweight)[c] = <param_t>(sdyx * invstd)
     if j.dbias != NULL:
         (<param_t*>j.dbias)[c] = <param_t>sdy
-    coef[0] = j.mean[c]
-    coef[1] = wi
+    mean[0] = j.mean[c]
+    a[0] = wi
     if j.training:
-        coef[2] = -wi * invstd * invstd * sdyx / <double>n
-        coef[3] = -wi * sdy / <double>n
+        b[0] = -wi * invstd * invstd * sdyx / <double>n
+        k[0] = -wi * sdy / <double>n
     else:
-        coef[2] = 0.0
-        coef[3] = 0.0
+        b[0] = 0.0
+        k[0] = 0.0
 
 
-cdef inline void merge(const double* part, Py_ssize_t nq, double* s1, double* s2) noexcept nogil:
-    """Sum interleaved chunk partials (part[2q], part[2q+1]) in chunk order."""
+cdef inline void merge(const double* part, Py_ssize_t nq, Py_ssize_t stride,
+                       double* s1, double* s2) noexcept nogil:
+    """Sum chunk partials (part[q*stride], part[q*stride + 1]) in chunk order."""
     cdef Py_ssize_t q
     cdef double a = 0.0, b = 0.0
     for q in range(nq):
-        a += part[2 * q]
-        b += part[2 * q + 1]
+        a += part[q * stride]
+        b += part[q * stride + 1]
     s1[0] = a
     s2[0] = b
 
@@ -342,156 +314,153 @@ cdef inline void merge(const double* part, Py_ssize_t nq, double* s1, double* s2
 # ----------------------------------------------------------------------------
 # channels-first (N, C, S)
 #
-# Channel c holds n = N*S elements: N runs of S, one per sample.  Chunk q of the
-# channel is elements [q*CHUNK, (q+1)*CHUNK) of that sequence, which may span
-# several runs.  With enough channels for every thread, one thread finishes a
-# channel (statistics, then normalisation while it is still in cache);
-# otherwise (channel, chunk) tasks are spread over all threads, merged in chunk
-# order, and the element-wise pass is a second parallel loop.
+# Channel c holds n = N*S elements: N runs of S, one per sample.  Chunk q of
+# the channel is its elements [q*CHUNK, (q+1)*CHUNK), which may cut runs into
+# pieces; each piece is summed by the same primitive wherever it is visited
+# from, so the partial of a chunk is the same in every traversal.
+#
+# Large tensors with enough channels: each thread takes blocks of adjacent
+# channels (contiguous spans of a few KiB per sample), reduces them, then
+# normalises them while they are still in cache.  Otherwise: (channel, chunk)
+# reduction tasks over all threads, then one element-wise pass in memory order.
 
-cdef enum Visit:
-    V_SUMS            # s += (x - shift), (x - shift)^2
-    V_AFFINE          # y = (x - mean) * scale + shift
-    V_GRAD_SUMS       # s += dy, dy * (x - mean)
-    V_DX              # dx = a dy + b (x - mean) + k
-    V_DX_EVAL         # dx = a dy
-
-
-cdef inline void nchw_chunk(Job* j, const data_t* x, Py_ssize_t c, Py_ssize_t q,
-                            Visit what, double shift, const double* coef,
-                            double* s) noexcept nogil:
-    """Visit chunk q of channel c; s[0:2] receives sums, coef holds per-channel
-    coefficients for the element-wise visits."""
-    cdef Py_ssize_t S = j.S, n = j.N * j.S
-    cdef Py_ssize_t e = q * CHUNK
-    cdef Py_ssize_t end = e + CHUNK
-    cdef Py_ssize_t row, col, length, off
-    cdef data_t* out = <data_t*>j.y
-    cdef const data_t* dy = <const data_t*>j.dy
-    if end > n:
-        end = n
-    row = e // S
-    col = e - row * S
+cdef inline void nchw_reduce_run(Job* j, const data_t* x, Py_ssize_t nn, Py_ssize_t c,
+                                 Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t q, bint grad,
+                                 double shift, double* part_c) noexcept nogil:
+    """Sum elements [lo, hi) of run (nn, c) (offsets within the run) into the
+    chunk partials of channel c, splitting at chunk boundaries; q is the chunk
+    of element lo (passed in: a division per run costs more than a short run)."""
+    cdef Py_ssize_t e = nn * j.S + lo, end = nn * j.S + hi
+    cdef Py_ssize_t base = (nn * j.C + c) * j.S - nn * j.S
+    cdef Py_ssize_t stop
     while e < end:
-        length = S - col
-        if length > end - e:
-            length = end - e
-        off = (row * j.C + c) * S + col
-        if what == V_SUMS:
-            run_sums(x + off, length, shift, &s[0], &s[1])
-        elif what == V_AFFINE:
-            run_affine(x + off, out + off, length, coef[0], coef[1], coef[2])
-        elif what == V_GRAD_SUMS:
-            run_grad_sums(x + off, dy + off, length, shift, &s[0], &s[1])
-        elif what == V_DX:
-            run_dx(x + off, dy + off, out + off, length, coef[0], coef[1], coef[2], coef[3])
+        stop = (q + 1) * CHUNK
+        if stop > end:
+            stop = end
+        if grad:
+            gsums(x + base + e, <const data_t*>j.dy + base + e, stop - e, shift, &part_c[2 * q])
         else:
-            run_scale(dy + off, out + off, length, coef[1])
-        e += length
-        row += 1
-        col = 0
+            sums(x + base + e, stop - e, shift, x[c * j.S], &part_c[2 * q])
+        e = stop
+        q += 1
 
 
-cdef int nchw_forward(Job* j, const data_t* x, param_t* p) noexcept nogil:
-    cdef Py_ssize_t C = j.C, n = j.N * j.S
-    cdef Py_ssize_t nq = (n + CHUNK - 1) // CHUNK
-    cdef Py_ssize_t c, t, q
-    cdef int nt
+cdef inline void nchw_reduce_chunk(Job* j, const data_t* x, Py_ssize_t c, Py_ssize_t q,
+                                   bint grad, double shift, double* part_c) noexcept nogil:
+    """Chunk q of channel c, piece by piece in run order."""
+    cdef Py_ssize_t S = j.S
+    cdef Py_ssize_t e0 = q * CHUNK, e1 = (q + 1) * CHUNK
+    cdef Py_ssize_t nn, lo, hi
+    if e1 > j.N * S:
+        e1 = j.N * S
+    part_c[2 * q] = 0.0
+    part_c[2 * q + 1] = 0.0
+    for nn in range(e0 // S, cdiv(e1, S)):
+        lo = e0 - nn * S if e0 > nn * S else 0
+        hi = e1 - nn * S if e1 < (nn + 1) * S else S
+        nchw_reduce_run(j, x, nn, c, lo, hi, q, grad, shift, part_c)
+
+
+cdef inline void nchw_ew_runs(Job* j, const data_t* x, int op, Py_ssize_t r0, Py_ssize_t r1,
+                              const double* cf) noexcept nogil:
+    """Element-wise op on runs r0..r1 in memory order (run r is sample r // C,
+    channel r % C); cf holds 4 coefficients per channel."""
+    cdef Py_ssize_t r, off
+    cdef Py_ssize_t c = r0 % j.C
+    for r in range(r0, r1):
+        off = r * j.S
+        run_ew(op, x + off, <const data_t*>j.dy + off, <data_t*>j.y + off, j.S, &cf[4 * c])
+        c += 1
+        if c == j.C:
+            c = 0
+
+
+cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
+    cdef Py_ssize_t N = j.N, C = j.C, S = j.S
+    cdef Py_ssize_t n = N * S
+    cdef Py_ssize_t nq = cdiv(n, CHUNK)
+    cdef bint fwd = j.op != BWD_NCHW
     cdef bint train = j.op == FWD_TRAIN_NCHW
-    cdef double s1, s2
+    cdef bint grad = not fwd
+    cdef bint reduce = train or (grad and (j.training or j.dweight != NULL or j.dbias != NULL))
+    cdef int op = 0 if fwd else (1 if j.training else 2)
+    cdef int nt = team(C * nq, C * n, j.n_threads)
+    cdef Py_ssize_t k, nblk, blk, c0, c1, c, t, nn, q, rpt, nr
+    cdef double s1, s2, shift
     cdef param_t* rm = <param_t*>j.running_mean
     cdef param_t* rv = <param_t*>j.running_var
     cdef const param_t* w = <const param_t*>j.weight
     cdef const param_t* b = <const param_t*>j.bias
-    # part: 2 partial sums per (channel, chunk), then 3 coefficients per channel
-    cdef double* part = <double*>malloc(<size_t>(2 * C * nq + 3 * C) * sizeof(double))
+    # scratch: 2 partial sums per (channel, chunk), then 4 coefficients per channel
+    cdef double* part = <double*>malloc(<size_t>(2 * C * nq + 4 * C + 1) * sizeof(double))
     cdef double* cf = part + 2 * C * nq
     if part == NULL:
         return -1
-    if train and (C >= 2 * j.n_threads or nq == 1):
-        nt = team(C, C * n, j.n_threads)
-        # Inside prange only assigned scalars are thread-private: per-channel
-        # results go to per-channel slots of the scratch buffer.
-        for c in prange(C, schedule='static', num_threads=nt):
-            s1 = 0.0
-            s2 = 0.0
-            for q in range(nq):
-                part[2 * (c * nq + q)] = 0.0
-                part[2 * (c * nq + q) + 1] = 0.0
-                nchw_chunk(j, x, c, q, V_SUMS, ld(x, c * j.S), NULL,
-                           &part[2 * (c * nq + q)])
-            merge(&part[2 * c * nq], nq, &s1, &s2)
-            finish_stats(j, c, ld(x, c * j.S), s1, s2, n, rm, rv)
-            affine_coefs(j, c, w, b, &cf[3 * c])
-            for q in range(nq):
-                nchw_chunk(j, x, c, q, V_AFFINE, 0.0, &cf[3 * c], NULL)
-    else:
-        nt = team(C * nq, C * n, j.n_threads)
+
+    # Channels per block: contiguous spans of RUN_BYTES, but at least 4 blocks a thread.
+    k = cdiv(RUN_BYTES, S * (8 if j.xtype == DT_F64 else (4 if j.xtype == DT_F32 else 2)))
+    if k > C // (4 * nt):
+        k = C // (4 * nt)
+    if k < 1:
+        k = 1
+    nblk = cdiv(C, k)
+
+    if reduce and (nt == 1 or nblk >= 4 * nt):
+        for blk in prange(nblk, schedule='static', num_threads=nt):
+            c0 = blk * k
+            c1 = c0 + k
+            if c1 > C:
+                c1 = C
+            for c in range(2 * c0 * nq, 2 * c1 * nq):
+                part[c] = 0.0
+            for nn in range(N):
+                q = (nn * S) // CHUNK
+                for c in range(c0, c1):
+                    shift = j.mean[c] if grad else ld(x, c * S)
+                    nchw_reduce_run(j, x, nn, c, 0, S, q, grad, shift, &part[2 * c * nq])
+            for c in range(c0, c1):
+                s1 = 0.0
+                s2 = 0.0
+                merge(&part[2 * c * nq], nq, 2, &s1, &s2)
+                if fwd:
+                    finish_stats(j, c, ld(x, c * S), s1, s2, n, rm, rv)
+                    affine_coefs(j, c, w, b, &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2],
+                                 &cf[4 * c + 3])
+                else:
+                    grad_coefs(j, c, s1, s2, n, w, &cf[4 * c], &cf[4 * c + 1],
+                               &cf[4 * c + 2], &cf[4 * c + 3])
+            for nn in range(N):
+                nchw_ew_runs(j, x, op, nn * C + c0, nn * C + c1, cf)
+        free(part)
+        return 0
+
+    if reduce:
+        for t in prange(C * nq, schedule='static', num_threads=nt):
+            c = t // nq
+            shift = j.mean[c] if grad else ld(x, c * S)
+            nchw_reduce_chunk(j, x, c, t - c * nq, grad, shift, &part[2 * c * nq])
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        if reduce:
+            merge(&part[2 * c * nq], nq, 2, &s1, &s2)
         if train:
-            for t in prange(C * nq, schedule='static', num_threads=nt):
-                c = t // nq
-                part[2 * t] = 0.0
-                part[2 * t + 1] = 0.0
-                nchw_chunk(j, x, c, t - c * nq, V_SUMS, ld(x, c * j.S), NULL, &part[2 * t])
-        for c in range(C):
-            if train:
-                merge(&part[2 * c * nq], nq, &s1, &s2)
-                finish_stats(j, c, ld(x, c * j.S), s1, s2, n, rm, rv)
-            else:
-                infer_stats(j, c, rm, rv)
-            affine_coefs(j, c, w, b, &cf[3 * c])
-        for t in prange(C * nq, schedule='static', num_threads=nt):
-            c = t // nq
-            nchw_chunk(j, x, c, t - c * nq, V_AFFINE, 0.0, &cf[3 * c], NULL)
-    free(part)
-    return 0
-
-
-cdef int nchw_backward(Job* j, const data_t* x, param_t* p) noexcept nogil:
-    cdef Py_ssize_t C = j.C, n = j.N * j.S
-    cdef Py_ssize_t nq = (n + CHUNK - 1) // CHUNK
-    cdef Py_ssize_t c, t, q
-    cdef int nt
-    cdef bint sums = j.training or j.dweight != NULL or j.dbias != NULL
-    cdef Visit what = V_DX if j.training else V_DX_EVAL
-    cdef double s1, s2
-    cdef const param_t* w = <const param_t*>j.weight
-    cdef double* part = <double*>malloc(<size_t>(2 * C * nq + 4 * C) * sizeof(double))
-    cdef double* cf = part + 2 * C * nq
-    if part == NULL:
-        return -1
-    if C >= 2 * j.n_threads or nq == 1:
-        nt = team(C, C * n, j.n_threads)
-        for c in prange(C, schedule='static', num_threads=nt):
-            s1 = 0.0
-            s2 = 0.0
-            if sums:
-                for q in range(nq):
-                    part[2 * (c * nq + q)] = 0.0
-                    part[2 * (c * nq + q) + 1] = 0.0
-                    nchw_chunk(j, x, c, q, V_GRAD_SUMS, j.mean[c], NULL,
-                               &part[2 * (c * nq + q)])
-                merge(&part[2 * c * nq], nq, &s1, &s2)
-            grad_coefs(j, c, s1, s2, n, w, &cf[4 * c])
-            for q in range(nq):
-                nchw_chunk(j, x, c, q, what, 0.0, &cf[4 * c], NULL)
-    else:
-        nt = team(C * nq, C * n, j.n_threads)
-        if sums:
-            for t in prange(C * nq, schedule='static', num_threads=nt):
-                c = t // nq
-                part[2 * t] = 0.0
-                part[2 * t + 1] = 0.0
-                nchw_chunk(j, x, c, t - c * nq, V_GRAD_SUMS, j.mean[c], NULL, &part[2 * t])
-        for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            if sums:
-                merge(&part[2 * c * nq], nq, &s1, &s2)
-            grad_coefs(j, c, s1, s2, n, w, &cf[4 * c])
-        for t in prange(C * nq, schedule='static', num_threads=nt):
-            c = t // nq
-            nchw_chunk(j, x, c, t - c * nq, what, 0.0, &cf[4 * c], NULL)
+            finish_stats(j, c, ld(x, c * S), s1, s2, n, rm, rv)
+        elif fwd:
+            infer_stats(j, c, rm, rv)
+        if fwd:
+            affine_coefs(j, c, w, b, &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2], &cf[4 * c + 3])
+        else:
+            grad_coefs(j, c, s1, s2, n, w, &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2],
+                       &cf[4 * c + 3])
+    rpt = cdiv(EW_BLOCK, S)
+    nr = cdiv(N * C, rpt)
+    nt = team(nr, C * n, j.n_threads)
+    for t in prange(nr, schedule='static', num_threads=nt):
+        c1 = (t + 1) * rpt
+        if c1 > N * C:
+            c1 = N * C
+        nchw_ew_runs(j, x, op, t * rpt, c1, cf)
     free(part)
     return 0
 
@@ -499,73 +468,133 @@ cdef int nchw_backward(Job* j, const data_t* x, param_t* p) noexcept nogil:
 # ----------------------------------------------------------------------------
 # channels-last (M, C)
 #
-# Rows are split in chunks of R rows (R depends only on C) and channels in
-# blocks of CBLOCK; task (q, block) accumulates its rows into the per-chunk
-# partial arrays, vectorised across channels.  Partials are merged in chunk
-# order per channel; the element-wise pass runs over blocks of rows.
+# Rows are cut in chunks of R rows (R depends only on C).  A chunk's partial of
+# channel c is the sum down the column in row order, computed by one SIMD lane
+# whatever the tiling.  Large tensors: each thread takes blocks of channels,
+# reduces all rows of the block, then normalises the block while it is still
+# in cache.  Otherwise: (row chunk, channel tile) reduction tasks, then an
+# element-wise pass over blocks of rows.
 
-cdef inline Py_ssize_t nhwc_rows_per_chunk(Py_ssize_t C) noexcept nogil:
-    cdef Py_ssize_t r = (CHUNK + C - 1) // C
-    return r if r > MIN_ROWS else MIN_ROWS
+cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
+    cdef Py_ssize_t M = j.N, C = j.C
+    cdef Py_ssize_t R = cdiv(CHUNK, C)
+    cdef Py_ssize_t nq, ntile, nblk, cb, blk, c0, c1, c, q, t, r1, rb, nr
+    cdef Py_ssize_t itemsize = 8 if j.xtype == DT_F64 else (4 if j.xtype == DT_F32 else 2)
+    cdef bint fwd = j.op != BWD_NHWC
+    cdef bint train = j.op == FWD_TRAIN_NHWC
+    cdef bint grad = not fwd
+    cdef bint reduce = train or (grad and (j.training or j.dweight != NULL or j.dbias != NULL))
+    cdef int op = 0 if fwd else (1 if j.training else 2)
+    cdef int nt
+    cdef double s1, s2
+    cdef const data_t* g = NULL if fwd else <const data_t*>j.dy
+    cdef param_t* rm = <param_t*>j.running_mean
+    cdef param_t* rv = <param_t*>j.running_var
+    cdef const param_t* w = <const param_t*>j.weight
+    cdef const param_t* b = <const param_t*>j.bias
+    if R < MIN_ROWS:
+        R = MIN_ROWS
+    nq = cdiv(M, R)
+    # scratch: per chunk q the rows ps = part[2qC:], pq = part[(2q+1)C:];
+    # float64 coefficients (mean, a, b, k) per channel, the math-type columns
+    # of the element-wise pass (hi, lo, a, b, k) and the reduction shift.
+    cdef double* part = <double*>malloc(<size_t>((2 * nq + 10) * C + 1) * sizeof(double))
+    cdef double* cf = part + 2 * nq * C
+    cdef void* cols = <void*>(cf + 4 * C)
+    cdef double* shift = cf + 9 * C
+    if part == NULL:
+        return -1
+    if reduce:
+        for c in range(C):
+            shift[c] = j.mean[c] if grad else ld(x, c)
 
-
-cdef inline void nhwc_sums(const data_t* x, const data_t* dy, Py_ssize_t C,
-                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                           const double* shift, double* ps, double* pq) noexcept nogil:
-    """Rows [r0, r1), channels [c0, c1): ps += g, pq += g * (x - shift) with
-    g = dy (gradient sums) or g = x - shift (statistics, dy == NULL)."""
-    cdef Py_ssize_t r, c
-    cdef const data_t* xr
-    cdef const data_t* gr
-    cdef double d, g
-    for c in range(c0, c1):
-        ps[c] = 0.0
-        pq[c] = 0.0
-    for r in range(r0, r1):
-        xr = x + r * C
-        if dy == NULL:
+    # Channel blocks (multiples of 16 channels) whose rows fit the cache budget.
+    cb = NHWC_BLOCK_BYTES // (M * itemsize * (2 if grad else 1))
+    cb = (cb // 16) * 16
+    if cb < 16:
+        cb = 16
+    nblk = cdiv(C, cb)
+    nt = team(nblk, M * C, j.n_threads)
+    if reduce and M * C * itemsize >= BLOCK_ABOVE_BYTES and nblk >= 2 * nt:
+        for blk in prange(nblk, schedule='static', num_threads=nt):
+            c0 = blk * cb
+            c1 = c0 + cb
+            if c1 > C:
+                c1 = C
+            for q in range(nq):
+                r1 = (q + 1) * R
+                if r1 > M:
+                    r1 = M
+                tile_sums(x, g, C, q * R, r1, c0, c1, shift, &part[2 * q * C],
+                          &part[(2 * q + 1) * C])
             for c in range(c0, c1):
-                d = ld(xr, c) - shift[c]
-                ps[c] += d
-                pq[c] += d * d
+                s1 = 0.0
+                s2 = 0.0
+                nhwc_merge(part, nq, C, c, &s1, &s2)
+                if fwd:
+                    finish_stats(j, c, ld(x, c), s1, s2, M, rm, rv)
+                    affine_coefs(j, c, w, b, &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
+                else:
+                    grad_coefs(j, c, s1, s2, M, w, &cf[c], &cf[C + c], &cf[2 * C + c],
+                               &cf[3 * C + c])
+                put_cols(x, cols, cf, c, C)
+            tile_ew(op, x, g, <data_t*>j.y, C, 0, M, c0, c1, cols)
+        free(part)
+        return 0
+
+    if reduce:
+        ntile = cdiv(C, CTASK)
+        nt = team(nq * ntile, M * C, j.n_threads)
+        for t in prange(nq * ntile, schedule='static', num_threads=nt):
+            q = t // ntile
+            c0 = (t - q * ntile) * CTASK
+            c1 = c0 + CTASK
+            if c1 > C:
+                c1 = C
+            r1 = (q + 1) * R
+            if r1 > M:
+                r1 = M
+            tile_sums(x, g, C, q * R, r1, c0, c1, shift, &part[2 * q * C],
+                      &part[(2 * q + 1) * C])
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        if reduce:
+            nhwc_merge(part, nq, C, c, &s1, &s2)
+        if train:
+            finish_stats(j, c, ld(x, c), s1, s2, M, rm, rv)
+        elif fwd:
+            infer_stats(j, c, rm, rv)
+        if fwd:
+            affine_coefs(j, c, w, b, &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
         else:
-            gr = dy + r * C
-            for c in range(c0, c1):
-                g = ld(gr, c)
-                ps[c] += g
-                pq[c] += g * (ld(xr, c) - shift[c])
+            grad_coefs(j, c, s1, s2, M, w, &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
+        put_cols(x, cols, cf, c, C)
+    rb = cdiv(EW_BLOCK, C)
+    nr = cdiv(M, rb)
+    nt = team(nr, M * C, j.n_threads)
+    for t in prange(nr, schedule='static', num_threads=nt):
+        r1 = (t + 1) * rb
+        if r1 > M:
+            r1 = M
+        tile_ew(op, x, g, <data_t*>j.y, C, t * rb, r1, 0, C, cols)
+    free(part)
+    return 0
 
 
-cdef inline void nhwc_elementwise(Job* j, const data_t* x, Py_ssize_t r0, Py_ssize_t r1,
-                                  Visit what, const double* cf) noexcept nogil:
-    """Rows [r0, r1) of y (or dx); cf holds per-channel coefficient columns
-    mean = cf[0:C], a = cf[C:2C], b = cf[2C:3C], k = cf[3C:4C]."""
-    cdef Py_ssize_t C = j.C, r, c
-    cdef const double* mean = cf
-    cdef const double* a = cf + C
-    cdef const double* b = cf + 2 * C
-    cdef const double* k = cf + 3 * C
-    cdef const data_t* xr
-    cdef const data_t* gr
-    cdef data_t* yr
-    for r in range(r0, r1):
-        xr = x + r * C
-        gr = <const data_t*>j.dy + r * C
-        yr = <data_t*>j.y + r * C
-        if what == V_AFFINE:
-            for c in range(C):
-                st(yr, c, (ld(xr, c) - mean[c]) * a[c] + b[c])
-        elif what == V_DX:
-            for c in range(C):
-                st(yr, c, a[c] * ld(gr, c) + b[c] * (ld(xr, c) - mean[c]) + k[c])
-        else:
-            for c in range(C):
-                st(yr, c, a[c] * ld(gr, c))
+cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssize_t c,
+                          Py_ssize_t C) noexcept nogil:
+    """Channel c's float64 coefficients (mean, a, b, k columns of cf) into the
+    math-type columns (hi, lo, a, b, k) of the element-wise pass."""
+    set_split(x, cols, c, C, cf[c])
+    set_col(x, cols, 2 * C + c, cf[C + c])
+    set_col(x, cols, 3 * C + c, cf[2 * C + c])
+    set_col(x, cols, 4 * C + c, cf[3 * C + c])
 
 
 cdef inline void nhwc_merge(const double* part, Py_ssize_t nq, Py_ssize_t C, Py_ssize_t c,
                             double* s1, double* s2) noexcept nogil:
-    """Sum channel c's partials over chunks in chunk order."""
+    """Sum channel c's chunk partials in chunk order."""
     cdef Py_ssize_t q
     cdef double a = 0.0, b = 0.0
     for q in range(nq):
@@ -575,90 +604,13 @@ cdef inline void nhwc_merge(const double* part, Py_ssize_t nq, Py_ssize_t C, Py_
     s2[0] = b
 
 
-cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
-    cdef Py_ssize_t M = j.N, C = j.C
-    cdef Py_ssize_t R = nhwc_rows_per_chunk(C)
-    cdef Py_ssize_t nq = (M + R - 1) // R
-    cdef Py_ssize_t nb = (C + CBLOCK - 1) // CBLOCK
-    cdef Py_ssize_t rb = EW_BLOCK // C if C < EW_BLOCK else 1
-    cdef Py_ssize_t nr = (M + rb - 1) // rb
-    cdef Py_ssize_t t, q, c, c0, c1, r1
-    cdef int nt
-    cdef bint train = j.op == FWD_TRAIN_NHWC
-    cdef bint fwd = j.op != BWD_NHWC
-    cdef bint sums = train or (not fwd and (j.training or j.dweight != NULL or j.dbias != NULL))
-    cdef Visit what
-    cdef double s1, s2
-    cdef double coef[4]
-    cdef param_t* rm = <param_t*>j.running_mean
-    cdef param_t* rv = <param_t*>j.running_var
-    cdef const param_t* w = <const param_t*>j.weight
-    cdef const param_t* b = <const param_t*>j.bias
-    # part: 2*nq*C partial sums, then 4 coefficient columns of C
-    cdef double* part = <double*>malloc(<size_t>((2 * nq + 5) * C) * sizeof(double))
-    cdef double* cf = part + 2 * nq * C
-    cdef double* shift = cf + 4 * C
-    if part == NULL:
-        return -1
-    if fwd:
-        what = V_AFFINE
-    elif j.training:
-        what = V_DX
-    else:
-        what = V_DX_EVAL
-    if sums:
-        for c in range(C):
-            shift[c] = ld(x, c) if train else j.mean[c]
-        nt = team(nq * nb, M * C, j.n_threads)
-        for t in prange(nq * nb, schedule='static', num_threads=nt):
-            q = t // nb
-            c0 = (t - q * nb) * CBLOCK
-            c1 = c0 + CBLOCK
-            if c1 > C:
-                c1 = C
-            r1 = (q + 1) * R
-            if r1 > M:
-                r1 = M
-            nhwc_sums(x, NULL if fwd else <const data_t*>j.dy, C, q * R, r1, c0, c1,
-                      shift, &part[2 * q * C], &part[(2 * q + 1) * C])
-    for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        if sums:
-            nhwc_merge(part, nq, C, c, &s1, &s2)
-        if train:
-            finish_stats(j, c, shift[c], s1, s2, M, rm, rv)
-        elif fwd:
-            infer_stats(j, c, rm, rv)
-        if fwd:
-            affine_coefs(j, c, w, b, coef)
-        else:
-            grad_coefs(j, c, s1, s2, M, w, coef)
-        cf[c] = coef[0]
-        cf[C + c] = coef[1]
-        cf[2 * C + c] = coef[2]
-        cf[3 * C + c] = 0.0 if fwd else coef[3]
-    nt = team(nr, M * C, j.n_threads)
-    for t in prange(nr, schedule='static', num_threads=nt):
-        r1 = (t + 1) * rb
-        if r1 > M:
-            r1 = M
-        nhwc_elementwise(j, x, t * rb, r1, what, cf)
-    free(part)
-    return 0
-
-
-
-
 # ----------------------------------------------------------------------------
 # dispatch: one place turns (dtype of x, dtype of parameters) into a
 # specialisation; the op switch is written once, inside it.
 
 cdef int run_typed(Job* j, const data_t* x, param_t* p) noexcept nogil:
-    if j.op == FWD_TRAIN_NCHW or j.op == FWD_INFER_NCHW:
-        return nchw_forward(j, x, p)
-    if j.op == BWD_NCHW:
-        return nchw_backward(j, x, p)
+    if j.op == FWD_TRAIN_NCHW or j.op == FWD_INFER_NCHW or j.op == BWD_NCHW:
+        return nchw_run(j, x, p)
     return nhwc_run(j, x, p)
 
 
@@ -824,3 +776,15 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int n_threads):
             if length > block:
                 length = block
             memcpy(d + i * block, s + i * block, <size_t>length)
+
+
+def _set_tuning(run_bytes=None, nhwc_block_bytes=None, block_above_bytes=None):
+    """Change traversal parameters (for benchmarks; results do not change)."""
+    global RUN_BYTES, NHWC_BLOCK_BYTES, BLOCK_ABOVE_BYTES
+    if run_bytes is not None:
+        RUN_BYTES = run_bytes
+    if nhwc_block_bytes is not None:
+        NHWC_BLOCK_BYTES = nhwc_block_bytes
+    if block_above_bytes is not None:
+        BLOCK_ABOVE_BYTES = block_above_bytes
+    return RUN_BYTES, NHWC_BLOCK_BYTES, BLOCK_ABOVE_BYTES
