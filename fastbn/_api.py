@@ -94,14 +94,16 @@ def _allocate(shape, dtype, layout, perm, identity, C, S):
     return logical, view
 
 
-def _resolve(a, axis, C, S, argname):
+def _resolve(a, axis, C, S):
     """Choose the layout for x: the preferred one if the strides allow it,
     else the other one if they allow that (no copy), else a copy in the
     preferred layout.  Returns (layout, perm, identity, view)."""
     preferred, perms = _perms(a.ndim, axis)
     order = (preferred, NHWC if preferred == NCHW else NCHW)
-    if S == 1:
-        order = (NHWC,)            # (N, C, 1, ...) is (M, C) memory either way
+    if S == 1:                     # (N, C, 1, ...) is (M, C) memory either way
+        if a.flags.c_contiguous:   # keep the caller's strides for y
+            return NHWC, tuple(range(a.ndim)), True, a.reshape(-1, C)
+        order = (NHWC,)
     for layout in order:
         perm, identity = perms[layout]
         view = _kernel_view(a, layout, perm, identity, C, S)
@@ -261,7 +263,7 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
                          "statistics; expected a RunningStats, got None")
     nt = _threads.resolve(num_threads)
 
-    layout, perm, identity, xv = _resolve(xn, axis, C, S, "x")
+    layout, perm, identity, xv = _resolve(xn, axis, C, S)
     if out is None:
         y, yv = _allocate(shape, dtype, layout, perm, identity, C, S)
     else:

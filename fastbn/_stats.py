@@ -126,17 +126,22 @@ class RunningStats:
 
     def load_state_dict(self, state, *, strict=True):
         """Load running_mean / running_var / num_batches_tracked (numpy arrays,
-        torch tensors, ...).  Everything is checked before anything changes."""
-        mean, var, count = self._parse_state(state, strict=strict)
-        self._assign(mean, var, count)
+        torch tensors, ...).  Everything is checked before anything changes.
+        A missing num_batches_tracked keeps the current count (as PyTorch);
+        strict=False also ignores unexpected keys and absent statistics."""
+        parsed = self._parse_state(state, strict=strict)
+        if parsed is not None:
+            self._assign(*parsed)
 
     def _parse_state(self, state, *, strict=True, prefix=""):
         if not hasattr(state, "keys"):
             raise TypeError(f"state: expected a mapping with keys {KEYS}, "
                             f"got {type(state).__name__}")
         missing = [prefix + k for k in KEYS[:2] if prefix + k not in state]
-        if missing:
+        if missing and (strict or len(missing) < 2):
             raise ValueError(f"state: missing keys {missing}")
+        if missing:                      # strict=False and no statistics at all
+            return None
         if strict and not prefix:
             extra = sorted(set(state.keys()) - set(KEYS))
             if extra:
@@ -150,7 +155,7 @@ class RunningStats:
             if a.dtype.kind != "f":
                 raise TypeError(f"{prefix}{key}: expected a floating-point array, got {a.dtype}")
             arrays.append(a)
-        count = 0
+        count = None                     # absent: keep the current count, as torch does
         if prefix + KEYS[2] in state:
             c = _dispatch.to_host_numpy(state[prefix + KEYS[2]], prefix + KEYS[2])
             if c.size != 1 or c.dtype.kind not in "iu" or int(c.reshape(())) < 0:
@@ -165,4 +170,5 @@ class RunningStats:
             mean, var = xp.asarray(mean), xp.asarray(var)
         self._mean[...] = mean
         self._var[...] = var
-        self.num_batches_tracked = count
+        if count is not None:
+            self.num_batches_tracked = count

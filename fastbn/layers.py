@@ -1,10 +1,12 @@
 """BatchNorm: a stateful layer for hand-written training engines."""
 
+import numbers
+
 import numpy as np
 
 from . import _api, _dispatch
 from ._stats import KEYS as _STAT_KEYS
-from ._stats import RunningStats
+from ._stats import RunningStats, _check_momentum
 
 
 class BatchNorm:
@@ -39,6 +41,11 @@ class BatchNorm:
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32, num_threads=None):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(
+                f"num_features must be a positive integer, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features}")
         self.num_features = int(num_features)
         self.eps = _api._check_eps(eps)
         self.affine = bool(affine)
@@ -48,7 +55,7 @@ class BatchNorm:
         self.dtype = np.dtype(dtype)
         self.stats = (RunningStats(num_features, momentum=momentum, dtype=self.dtype)
                       if track_running_stats else None)
-        self._momentum = momentum
+        self._momentum = _check_momentum(momentum)
         if self.affine:
             self.weight = np.ones(self.num_features, self.dtype)
             self.bias = np.zeros(self.num_features, self.dtype)
@@ -61,6 +68,13 @@ class BatchNorm:
     @property
     def momentum(self):
         return self.stats.momentum if self.stats is not None else self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        if self.stats is not None:
+            self.stats.momentum = value
+        else:
+            self._momentum = _check_momentum(value)
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -112,17 +126,18 @@ class BatchNorm:
 
     def load_state_dict(self, state, *, strict=True):
         """Load a state dict from this class or from torch's BatchNorm (tensor
-        values are read through DLPack).  All of it is checked first."""
+        values are read through DLPack).  All of it is checked first; with
+        strict=False missing and unexpected keys are ignored, as in PyTorch."""
         expected = (["weight", "bias"] if self.affine else []) + (
             list(_STAT_KEYS) if self.stats is not None else [])
         keys = set(state.keys())
         missing = [k for k in expected if k not in keys and k != "num_batches_tracked"]
         extra = sorted(keys - set(expected))
-        if missing or (strict and extra):
+        if strict and (missing or extra):
             raise ValueError(f"state: expected keys {expected}; missing {missing}, "
                              f"unexpected {extra}")
         params = {}
-        for k in ("weight", "bias") if self.affine else ():
+        for k in [k for k in ("weight", "bias") if k in keys] if self.affine else ():
             a = _dispatch.to_host_numpy(state[k], k)
             if a.shape != (self.num_features,):
                 raise ValueError(f"{k}: expected shape ({self.num_features},), got {a.shape}")
@@ -132,7 +147,7 @@ class BatchNorm:
         stat_values = None
         if self.stats is not None:
             stat_values = self.stats._parse_state(
-                {k: state[k] for k in _STAT_KEYS if k in state}, strict=False)
+                {k: state[k] for k in _STAT_KEYS if k in state}, strict=strict)
         for k, a in params.items():
             getattr(self, k)[...] = a
         if stat_values is not None:

@@ -180,3 +180,10 @@ def test_float16_with_float16_weights(rng):
     assert dw.dtype == np.float16 and db.dtype == np.float16
     rdx, rdw, rdb = R.backward(x, x, ref.mean, ref.invstd, w)
     assert_close(dw, rdw, np.float16, "dweight")
+
+
+def test_single_spatial_element_keeps_strides(rng):
+    x = make_x(rng, (5, 3, 1, 1), np.float32)
+    y, ctx = fastbn.forward(x)
+    assert ctx.layout == "nhwc" and y.strides == x.strides
+    assert_close(y, R.forward(x).y, np.float32, "y")

@@ -90,3 +90,39 @@ def test_bad_state_is_refused_and_changes_nothing(rng, bad, exc):
     after = s.state_dict()
     for k in before:
         assert before[k].tobytes() == after[k].tobytes()
+
+
+def test_missing_count_keeps_current_and_non_strict_loading(rng):
+    s = fastbn.RunningStats(3)
+    s.num_batches_tracked = 7
+    s.load_state_dict({"running_mean": np.ones(3), "running_var": np.full(3, 2.0)})
+    assert s.num_batches_tracked == 7                  # as torch: the count is kept
+    with pytest.raises(ValueError, match="unexpected"):
+        s.load_state_dict({"running_mean": np.ones(3), "running_var": np.ones(3), "w": 1})
+    s.load_state_dict({"running_mean": np.zeros(3), "running_var": np.ones(3), "w": 1},
+                      strict=False)
+    assert np.array_equal(s.mean, np.zeros(3))
+    s.load_state_dict({}, strict=False)                # nothing to load: nothing changes
+    with pytest.raises(ValueError, match="missing"):
+        s.load_state_dict({"running_mean": np.zeros(3)}, strict=False)
+
+
+def test_layer_momentum_is_settable_and_validated():
+    bn = fastbn.BatchNorm(3)
+    bn.momentum = 0.5
+    assert bn.stats.momentum == 0.5 and bn.momentum == 0.5
+    with pytest.raises(ValueError, match="momentum"):
+        bn.momentum = 2.0
+    free = fastbn.BatchNorm(3, track_running_stats=False)
+    free.momentum = None
+    assert free.momentum is None
+    with pytest.raises(TypeError, match="num_features"):
+        fastbn.BatchNorm(4.7, track_running_stats=False)
+
+
+def test_layer_non_strict_load_ignores_missing_keys():
+    bn = fastbn.BatchNorm(3)
+    bn.load_state_dict({"weight": np.full(3, 2.0)}, strict=False)
+    assert np.array_equal(bn.weight, np.full(3, 2.0)) and np.array_equal(bn.bias, np.zeros(3))
+    with pytest.raises(ValueError, match="missing"):
+        bn.load_state_dict({"weight": np.full(3, 2.0)})

@@ -1,0 +1,584 @@
+"""`python -m fastbn bench`: how fast fastbn is, on this machine, against its floor and peers.
+
+One table: operation x layout x shape x dtype x threads, with
+
+    fastbn   median seconds per call (inputs and the out= buffer reused between calls)
+    GB/s     floor bytes / time; the floor is 2*E*s bytes for a forward (read x, write y)
+             and 3*E*s for a backward (read x and dy, write dx), E elements of s bytes
+    eff      GB/s over the copy bandwidth of a buffer of x's size on as many threads
+             (fastbn._cpu.parallel_copy, timed in the same round-robin): 1.0 is the floor
+    xref     speed-up over the float64 NumPy reference (fastbn._reference)
+    xtorch   speed-up over PyTorch on the CPU, same threads and memory layout:
+             forward = aten.native_batch_norm.out (the kernel behind F.batch_norm,
+             writing into a reused output: F.batch_norm itself allocates y on every call,
+             and page faults on a fresh large tensor cost more than the kernel);
+             backward = aten.native_batch_norm_backward (its .out variant only copies)
+    torch    PyTorch's time; on a CUDA machine also torch-cuda (native kernels) and
+             cudnn, timed with CUDA events.
+
+Contenders are interleaved round-robin (fastbn, torch, reference, copy, repeat) and the
+median of each is reported, so a noisy neighbour hurts all of them alike.  The copy
+bandwidth of a large buffer (>= 64 MiB, beyond the last-level cache) per thread count is
+printed in the header.  Nothing here asserts speed; --json writes every number.
+"""
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+import fastbn
+from fastbn import _cpu, _reference
+
+OPS = ("forward-train", "forward-infer", "backward")
+LAYOUTS = ("nchw", "nhwc")
+DEFAULT_SHAPES = ((16, 16, 8, 8), (32, 64, 56, 56), (256, 256, 14, 14), (64, 2048, 7, 7),
+                  (128, 64, 28, 28), (4096, 1024))
+QUICK_SHAPES = ((16, 16, 8, 8), (8, 32, 12, 12))
+EPS = 1e-5
+MOMENTUM = 0.1
+REFERENCE_MAX_ELEMENTS = 30_000_000     # the float64 reference takes seconds beyond this
+BIG_COPY_BYTES = 64 << 20               # > L3: the DRAM copy bandwidth in the header
+
+
+@dataclass
+class Row:
+    """One line of the table; times in seconds per call (medians), None where absent."""
+    op: str
+    layout: str
+    shape: tuple
+    dtype: str
+    threads: int
+    elements: int
+    itemsize: int
+    floor_bytes: int
+    fastbn_s: float
+    copy_s: float
+    samples: int
+    reference_s: Optional[float] = None
+    torch_s: Optional[float] = None
+    torch_cuda_s: Optional[float] = None
+    cudnn_s: Optional[float] = None
+    gbps: float = field(init=False)
+    copy_gbps: float = field(init=False)
+    efficiency: float = field(init=False)
+    speedup_reference: Optional[float] = field(init=False)
+    speedup_torch: Optional[float] = field(init=False)
+
+    def __post_init__(self):
+        self.gbps = self.floor_bytes / self.fastbn_s / 1e9
+        self.copy_gbps = 2 * self.elements * self.itemsize / self.copy_s / 1e9
+        self.efficiency = self.gbps / self.copy_gbps
+        self.speedup_reference = None if self.reference_s is None else self.reference_s / self.fastbn_s
+        self.speedup_torch = None if self.torch_s is None else self.torch_s / self.fastbn_s
+
+
+@dataclass
+class Inputs:
+    """Random normal data for one (shape, dtype, layout), shared by every op and thread count.
+
+    x and dy are stored in the layout's memory order: (N, C, spatial...) for nchw,
+    (N, spatial..., C) for nhwc; ``shape`` is always the logical (N, C, spatial...)."""
+    shape: tuple
+    dtype: np.dtype
+    layout: str
+    axis: int
+    x: np.ndarray
+    dy: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def channels(self):
+        return self.shape[1]
+
+
+def make_inputs(shape, dtype, layout, rng):
+    dtype = np.dtype(dtype)
+    mem = shape if layout == "nchw" else (shape[0], *shape[2:], shape[1])
+    pdtype = np.float64 if dtype == np.float64 else np.float32
+    C = shape[1]
+    return Inputs(
+        shape=tuple(shape), dtype=dtype, layout=layout, axis=1 if layout == "nchw" else -1,
+        x=(rng.standard_normal(mem, dtype=np.float32) * 2 + 0.5).astype(dtype),
+        dy=rng.standard_normal(mem, dtype=np.float32).astype(dtype),
+        weight=(rng.standard_normal(C) * 0.2 + 1).astype(pdtype),
+        bias=(rng.standard_normal(C) * 0.2).astype(pdtype),
+    )
+
+
+def _running(inp):
+    """Running statistics as fastbn, reference and torch see them (close to the data's)."""
+    stats = fastbn.RunningStats(inp.channels, momentum=MOMENTUM, dtype=inp.weight.dtype)
+    stats.load_state_dict({"running_mean": np.full(inp.channels, 0.5),
+                           "running_var": np.full(inp.channels, 4.0)})
+    return stats
+
+
+# ----------------------------------------------------------------------------
+# contenders: each returns a zero-argument callable doing one call (or None if absent)
+
+def fastbn_call(op, inp, threads):
+    x, w, b, axis = inp.x, inp.weight, inp.bias, inp.axis
+    stats = _running(inp)
+    out = np.empty_like(x)
+    if op == "forward-train":
+        return lambda: fastbn.forward(x, w, b, stats, training=True, eps=EPS, axis=axis,
+                                      out=out, num_threads=threads)
+    if op == "forward-infer":
+        return lambda: fastbn.forward(x, w, b, stats, training=False, eps=EPS, axis=axis,
+                                      out=out, num_threads=threads)
+    _, ctx = fastbn.forward(x, w, b, stats, training=True, eps=EPS, axis=axis, out=out,
+                            num_threads=threads)
+    dy, dx = inp.dy, np.empty_like(x)
+    return lambda: fastbn.backward(dy, ctx, out=dx, num_threads=threads)
+
+
+def reference_call(op, inp):
+    x, w, b, axis = inp.x, inp.weight, inp.bias, inp.axis
+    rm, rv = np.full(inp.channels, 0.5), np.full(inp.channels, 4.0)
+    if op == "forward-train":
+        return lambda: _reference.forward(x, w, b, rm, rv, training=True, momentum=MOMENTUM,
+                                          eps=EPS, axis=axis)
+    if op == "forward-infer":
+        return lambda: _reference.forward(x, w, b, rm, rv, training=False, eps=EPS, axis=axis)
+    fwd = _reference.forward(x, w, b, training=True, eps=EPS, axis=axis)
+    dy, mean, invstd = inp.dy, fwd.mean, fwd.invstd
+    return lambda: _reference.backward(dy, x, mean, invstd, w, training=True, axis=axis)
+
+
+def copy_call(inp, threads):
+    src, dst = inp.x, np.empty_like(inp.x)
+    return lambda: _cpu.parallel_copy(src, dst, threads)
+
+
+_TORCH = []
+
+
+def _torch():
+    """torch, imported on first use; None if it is not installed."""
+    if not _TORCH:
+        _TORCH.append(importlib.import_module("torch")
+                      if importlib.util.find_spec("torch") is not None else None)
+    return _TORCH[0]
+
+
+def _logical(t, layout):
+    """A torch tensor holding memory in `layout` order, viewed with the logical (N, C, ...)
+    shape: for 4-D/5-D nhwc this is exactly torch's channels_last(_3d) format."""
+    if layout == "nchw":
+        return t
+    return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+
+
+def _torch_tensors(inp, device="cpu"):
+    torch = _torch()
+    x = _logical(torch.from_numpy(inp.x.copy()), inp.layout).to(device)
+    dy = _logical(torch.from_numpy(inp.dy.copy()), inp.layout).to(device)
+    if inp.layout == "nhwc" and x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    elif inp.layout == "nchw":
+        x, dy = x.contiguous(), dy.contiguous()
+    w = torch.from_numpy(inp.weight.copy()).to(device)
+    b = torch.from_numpy(inp.bias.copy()).to(device)
+    rm = torch.full((inp.channels,), 0.5, dtype=w.dtype, device=device)
+    rv = torch.full((inp.channels,), 4.0, dtype=w.dtype, device=device)
+    return torch, x, dy, w, b, rm, rv
+
+
+def torch_call(op, inp, threads):
+    """PyTorch CPU, the cheapest honest route (see the module docstring)."""
+    if _torch() is None:
+        return None
+    torch, x, dy, w, b, rm, rv = _torch_tensors(inp)
+    torch.set_num_threads(threads)
+    aten = torch.ops.aten
+    out, sm, si = torch.empty_like(x), torch.empty_like(rm), torch.empty_like(rm)
+    if op in ("forward-train", "forward-infer"):
+        training = op == "forward-train"
+        return lambda: aten.native_batch_norm.out(x, w, b, rm, rv, training, MOMENTUM, EPS,
+                                                  out=out, save_mean=sm, save_invstd=si)
+    _, mean, invstd = aten.native_batch_norm(x, w, b, rm.clone(), rv.clone(), True, MOMENTUM, EPS)
+    mask = [True, True, True]
+    return lambda: aten.native_batch_norm_backward(dy, x, w, rm, rv, mean, invstd, True, EPS,
+                                                   mask)
+
+
+def torch_cuda_sampler(op, inp, cudnn, min_sample_s):
+    """A sampler (seconds per call, timed with CUDA events) for torch on the GPU with the
+    native kernels (cudnn=False) or cuDNN; None without CUDA.  Not exercised on CPU-only
+    machines: kept deliberately plain."""
+    torch = _torch()
+    if torch is None or not torch.cuda.is_available():
+        return None
+    F = torch.nn.functional
+    _, x, dy, w, b, rm, rv = _torch_tensors(inp, "cuda")
+    with torch.backends.cudnn.flags(enabled=cudnn):
+        if op == "backward":
+            x.requires_grad_(True)
+            w.requires_grad_(True)
+            b.requires_grad_(True)
+            y = F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS)    # graph records the kernel
+
+            def call():
+                torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+        else:
+            training = op == "forward-train"
+
+            def call():
+                F.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS)
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        k = 1
+        while True:
+            start.record()
+            for _ in range(k):
+                call()
+            end.record()
+            end.synchronize()
+            if start.elapsed_time(end) / 1e3 >= min_sample_s or k >= 1 << 16:
+                break
+            k *= 2
+
+    def sample():
+        with torch.backends.cudnn.flags(enabled=cudnn):
+            start.record()
+            for _ in range(k):
+                call()
+            end.record()
+            end.synchronize()
+        return start.elapsed_time(end) / 1e3 / k
+    return sample
+
+
+# ----------------------------------------------------------------------------
+# timing
+
+def sampler(call, min_sample_s):
+    """A function returning the seconds per call of one sample: a loop of k calls, k
+    doubled until a sample lasts at least min_sample_s (tiny tensors)."""
+    call()                              # warm-up: page faults, lazy initialisation
+    k = 1
+    while True:
+        t0 = time.perf_counter_ns()
+        for _ in range(k):
+            call()
+        elapsed = (time.perf_counter_ns() - t0) / 1e9
+        if elapsed >= min_sample_s or k >= 1 << 16:
+            break
+        k *= 2
+
+    def sample():
+        t0 = time.perf_counter_ns()
+        for _ in range(k):
+            call()
+        return (time.perf_counter_ns() - t0) / 1e9 / k
+    return sample
+
+
+def round_robin(samplers):
+    """{name: (sample, n)} -> {name: median seconds}: sample each contender in turn,
+    n times each, so that slow drifts of the machine hit every contender alike."""
+    times = {name: [] for name in samplers}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(max(n for _, n in samplers.values())):
+            for name, (sample, n) in samplers.items():
+                if i < n:
+                    times[name].append(sample())
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def copy_bandwidths(threads, repeat, nbytes=BIG_COPY_BYTES):
+    """{threads: GB/s} of parallel_copy on a buffer beyond the last-level cache."""
+    src = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    medians = round_robin({t: (sampler(lambda t=t: _cpu.parallel_copy(src, dst, t), 0.0), repeat)
+                           for t in threads})
+    return {t: 2 * nbytes / s / 1e9 for t, s in medians.items()}
+
+
+# ----------------------------------------------------------------------------
+# the run
+
+def machine_info():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    torch = _TORCH[0] if _TORCH else None
+    info = {
+        "cpu": cpu,
+        "cores": _cores(),
+        "fastbn": fastbn.__version__,
+        "fastbn_threads": fastbn.get_num_threads(),
+        "openmp": bool(_cpu.openmp_enabled()),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "torch": None if torch is None else torch.__version__,
+        "cuda_device": None,
+    }
+    if torch is not None and torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cases(opts):
+    """(shape, dtype, layout) in table order; a rank-2 (N, C) tensor has one memory
+    layout, so it runs under the first requested layout only."""
+    for shape in opts.shapes:
+        for dtype in opts.dtypes:
+            for i, layout in enumerate(opts.layouts):
+                if len(shape) == 2 and i > 0:
+                    continue
+                yield shape, dtype, layout
+
+
+def run(opts, progress=sys.stderr):
+    """Measure every row; returns (rows, copy bandwidths {threads: GB/s}, machine info)."""
+    use_torch = not opts.no_torch and _torch() is not None
+    info = machine_info()           # before torch.set_num_threads changes the OpenMP default
+    torch_threads = _torch().get_num_threads() if use_torch else None
+    total = sum(1 for _ in cases(opts)) * len(opts.ops) * len(opts.threads)
+    _progress(progress, f"copy bandwidth, {BIG_COPY_BYTES >> 20} MiB buffer ...")
+    bandwidths = copy_bandwidths(opts.threads, max(3, opts.repeat // 2))
+    rows, done = [], 0
+    rng = np.random.default_rng(0)
+    for shape, dtype, layout in cases(opts):
+        inp = make_inputs(shape, dtype, layout, rng)
+        E = inp.x.size
+        with_reference = not opts.no_reference and E <= REFERENCE_MAX_ELEMENTS
+        for op in opts.ops:
+            reference_s = cuda_s = cudnn_s = None
+            for j, threads in enumerate(opts.threads):
+                done += 1
+                _progress(progress, f"[{done}/{total}] {op} {layout} {_fmt_shape(shape)} "
+                                    f"{np.dtype(dtype).name} threads={threads}")
+                contenders = {
+                    "fastbn": (sampler(fastbn_call(op, inp, threads), opts.min_sample_s),
+                               opts.repeat)}
+                if use_torch:
+                    contenders["torch"] = (sampler(torch_call(op, inp, threads),
+                                                   opts.min_sample_s), opts.repeat)
+                # The reference is single-threaded NumPy: time it with the first thread count.
+                if with_reference and j == 0:
+                    contenders["reference"] = (sampler(reference_call(op, inp), 0.0),
+                                               opts.reference_repeat)
+                contenders["copy"] = (sampler(copy_call(inp, threads), opts.min_sample_s),
+                                      opts.repeat)
+                if use_torch and j == 0:
+                    for name, cudnn in (("torch_cuda", False), ("cudnn", True)):
+                        s = torch_cuda_sampler(op, inp, cudnn, opts.min_sample_s)
+                        if s is not None:
+                            contenders[name] = (s, opts.repeat)
+                med = round_robin(contenders)
+                reference_s = med.get("reference", reference_s)
+                cuda_s = med.get("torch_cuda", cuda_s)
+                cudnn_s = med.get("cudnn", cudnn_s)
+                floor = (3 if op == "backward" else 2) * E * inp.dtype.itemsize
+                rows.append(Row(op=op, layout=layout, shape=tuple(shape),
+                                dtype=inp.dtype.name, threads=threads, elements=E,
+                                itemsize=inp.dtype.itemsize, floor_bytes=floor, fastbn_s=med["fastbn"], copy_s=med["copy"],
+                                samples=opts.repeat, reference_s=reference_s,
+                                torch_s=med.get("torch"), torch_cuda_s=cuda_s,
+                                cudnn_s=cudnn_s))
+        del inp
+    if use_torch:
+        _torch().set_num_threads(torch_threads)
+    _progress(progress, "", end=True)
+    return rows, bandwidths, info
+
+
+def _progress(stream, text, end=False):
+    if stream is None:
+        return
+    if stream.isatty():
+        stream.write("\r\x1b[K" + text + ("\n" if end and text else ""))
+    elif text:
+        stream.write(text + "\n")
+    stream.flush()
+
+
+# ----------------------------------------------------------------------------
+# output
+
+def _fmt_shape(shape):
+    return "x".join(map(str, shape))
+
+
+def _fmt_time(s):
+    if s is None:
+        return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def _fmt_ratio(r):
+    return "—" if r is None else (f"{r:.0f}" if r >= 100 else f"{r:.2f}")
+
+
+def table(rows, bandwidths, info):
+    cuda = any(r.torch_cuda_s is not None or r.cudnn_s is not None for r in rows)
+    lines = [
+        f"fastbn {info['fastbn']} bench: {info['cpu']}, {info['cores']} cores, "
+        f"fastbn {info['fastbn_threads']} threads by default"
+        f"{'' if info['openmp'] else ' (no OpenMP)'}, numpy {info['numpy']}, "
+        f"torch {info['torch'] or '—'}"
+        + (f", GPU {info['cuda_device']}" if info["cuda_device"] else ""),
+        "copy bandwidth (parallel_copy, " + f"{BIG_COPY_BYTES >> 20} MiB): "
+        + ", ".join(f"{t} thread{'s' if t > 1 else ''} {bw:.1f} GB/s"
+                    for t, bw in sorted(bandwidths.items())),
+        "median time per call; GB/s = floor bytes (forward 2·E·s, backward 3·E·s) / time; "
+        "eff = GB/s / copy GB/s of x's size; ×ref, ×torch: speed-up",
+        "",
+    ]
+    head = ["op", "layout", "shape", "dtype", "thr", "fastbn", "GB/s", "eff", "×ref",
+            "×torch", "torch"]
+    if cuda:
+        head += ["torch-cuda", "cudnn"]
+    body = []
+    for r in rows:
+        cells = [r.op, r.layout, _fmt_shape(r.shape), r.dtype, str(r.threads),
+                 _fmt_time(r.fastbn_s), f"{r.gbps:.1f}", f"{r.efficiency:.2f}",
+                 _fmt_ratio(r.speedup_reference), _fmt_ratio(r.speedup_torch),
+                 _fmt_time(r.torch_s)]
+        if cuda:
+            cells += [_fmt_time(r.torch_cuda_s), _fmt_time(r.cudnn_s)]
+        body.append(cells)
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    left = 4                                             # op, layout, shape, dtype
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    lines.append(fmt(head))
+    lines.extend(fmt(c) for c in body)
+    return "\n".join(lines)
+
+
+def to_json(rows, bandwidths, info, opts):
+    return {
+        "machine": info,
+        "copy_bandwidth_gbps": {str(t): bw for t, bw in sorted(bandwidths.items())},
+        "copy_buffer_bytes": BIG_COPY_BYTES,
+        "options": {"repeat": opts.repeat, "reference_repeat": opts.reference_repeat,
+                    "min_sample_s": opts.min_sample_s, "torch": not opts.no_torch,
+                    "reference": not opts.no_reference},
+        "rows": [dict(asdict(r), shape=list(r.shape)) for r in rows],
+    }
+
+
+# ----------------------------------------------------------------------------
+# command line
+
+def _shapes(text):
+    shapes = []
+    for item in text.split(","):
+        try:
+            shape = tuple(int(d) for d in item.strip().lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad shape {item!r}: expected e.g. 32x64x56x56")
+        if not 2 <= len(shape) <= 5 or min(shape) < 1:
+            raise argparse.ArgumentTypeError(f"bad shape {item!r}: 2 to 5 positive sizes")
+        shapes.append(shape)
+    return shapes
+
+
+def _choices(allowed):
+    def parse(text):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of "
+                                             f"{','.join(allowed)}, got {text!r}")
+        return items
+    return parse
+
+
+def _threads(text):
+    try:
+        threads = [int(t) for t in text.split(",")]
+    except ValueError:
+        threads = []
+    if not threads or min(threads) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2, got {text!r}")
+    return sorted(set(threads))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m fastbn bench",
+        description="Speed table: fastbn against the copy floor, the NumPy reference and "
+                    "PyTorch.",
+        epilog="Shapes are N×C×spatial in logical (channels-first) order for every layout.")
+    p.add_argument("--shapes", type=_shapes,
+                   help="comma-separated, e.g. 256x256x14x14,16x16x8x8 (rank 2 to 5)")
+    p.add_argument("--dtypes", type=_choices(("float32", "float16", "float64")),
+                   help="default float32")
+    p.add_argument("--threads", type=_threads, help="default: 1 and all cores")
+    p.add_argument("--ops", type=_choices(OPS), default=list(OPS))
+    p.add_argument("--layouts", type=_choices(LAYOUTS), default=list(LAYOUTS))
+    p.add_argument("--repeat", type=int, help="samples per contender (default 15, quick 3)")
+    p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
+    p.add_argument("--json", metavar="PATH", help="also write rows and machine info as JSON")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
+    opts = p.parse_args(argv)
+    if opts.shapes is None:
+        opts.shapes = list(QUICK_SHAPES if opts.quick else DEFAULT_SHAPES)
+    opts.dtypes = opts.dtypes or ["float32"]
+    opts.threads = opts.threads or sorted({1, _cores()})
+    if opts.repeat is None:
+        opts.repeat = 3 if opts.quick else 15
+    if opts.repeat < 1:
+        p.error("--repeat must be at least 1")
+    opts.reference_repeat = min(opts.repeat, 1 if opts.quick else 3)
+    opts.min_sample_s = 50e-6 if opts.quick else 200e-6
+    return opts
+
+
+def main(argv=None):
+    """Entry point of `python -m fastbn bench`; returns the exit status."""
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    rows, bandwidths, info = run(opts)
+    print(table(rows, bandwidths, info))
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(to_json(rows, bandwidths, info, opts), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
