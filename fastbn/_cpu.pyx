@@ -49,22 +49,23 @@ cdef extern from "_simd.h" nogil:
     void fbn_gsums_f32(const float* x, const float* g, Py_ssize_t n, double mean, double* s)
     void fbn_ew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t n, double mean, double a, double b, double k)
     void fbn_tsums_f32(const float* x, const float* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
-    void fbn_tew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols)
+    void fbn_tew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols, const double* cf)
     void fbn_sums_f64(const double* x, Py_ssize_t n, double shift, double fill, double* s)
     void fbn_gsums_f64(const double* x, const double* g, Py_ssize_t n, double mean, double* s)
     void fbn_ew_f64(int op, const double* x, const double* g, double* y, Py_ssize_t n, double mean, double a, double b, double k)
     void fbn_tsums_f64(const double* x, const double* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
-    void fbn_tew_f64(int op, const double* x, const double* g, double* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* cols)
+    void fbn_tew_f64(int op, const double* x, const double* g, double* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* cols, const double* cf)
     void fbn_sums_f16(const unsigned short* x, Py_ssize_t n, double shift, unsigned short fill, double* s)
     void fbn_gsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t n, double mean, double* s)
     void fbn_ew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, double mean, double a, double b, double k)
     void fbn_tsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
-    void fbn_tew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols)
+    void fbn_tew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols, const double* cf)
 
 # Elements per statistics chunk of one channel (channels-first) and the least
 # number of rows per chunk (channels-last).  Part of the numerical definition:
 # changing them changes the last bits of the statistics (never the thread count).
 DEF CHUNK = 8192
+DEF NHWC_CHUNK = 65536
 DEF MIN_ROWS = 64
 # Below this many elements a call runs on one thread: waking the team costs more.
 DEF SERIAL_BELOW = 32768
@@ -72,19 +73,13 @@ DEF SERIAL_BELOW = 32768
 DEF EW_BLOCK = 16384
 # Channels-first blocks hold enough channels for runs of at least this many
 # contiguous bytes (the prefetchers need a few KiB to stream).
-DEF RUN_BYTES_DEFAULT = 32768
-# Channels-last: channel tiles of the split reduction, and the working set a
-# channel block may have so that its second pass hits cache.
+DEF RUN_BYTES_DEFAULT = 131072
+# Channels-last: channel tiles of the reduction tasks.
 DEF CTASK = 256
-DEF NHWC_BLOCK_BYTES_DEFAULT = 2097152
-# Tensors at least this large are worth a cache-blocked two-pass traversal.
-DEF BLOCK_ABOVE_BYTES_DEFAULT = 8388608
 
-# Traversal choices (not numerics: any value gives the same bits), settable
+# Traversal choice (not numerics: any value gives the same bits), settable
 # through _set_tuning() for benchmarking.
 cdef Py_ssize_t RUN_BYTES = RUN_BYTES_DEFAULT
-cdef Py_ssize_t NHWC_BLOCK_BYTES = NHWC_BLOCK_BYTES_DEFAULT
-cdef Py_ssize_t BLOCK_ABOVE_BYTES = BLOCK_ABOVE_BYTES_DEFAULT
 
 ctypedef unsigned short half_t
 
@@ -195,15 +190,16 @@ cdef inline void tile_sums(const data_t* x, const data_t* g, Py_ssize_t C, Py_ss
 
 cdef inline void tile_ew(int op, const data_t* x, const data_t* g, data_t* y, Py_ssize_t C,
                          Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                         const void* cols) noexcept nogil:
+                         const void* cols, const double* cf) noexcept nogil:
     """Element-wise op (as run_ew) on rows [r0, r1) x channels [c0, c1); cols
-    holds the columns hi, lo, a, b, k (math type) of length C."""
+    holds the math-type columns hi, lo, a, b, k and cf the float64 columns
+    mean, a, b, k, each of length C."""
     if data_t is float:
-        fbn_tew_f32(op, x, g, y, C, r0, r1, c0, c1, <const float*>cols)
+        fbn_tew_f32(op, x, g, y, C, r0, r1, c0, c1, <const float*>cols, cf)
     elif data_t is double:
-        fbn_tew_f64(op, x, g, y, C, r0, r1, c0, c1, <const double*>cols)
+        fbn_tew_f64(op, x, g, y, C, r0, r1, c0, c1, <const double*>cols, cf)
     else:
-        fbn_tew_f16(op, x, g, y, C, r0, r1, c0, c1, <const float*>cols)
+        fbn_tew_f16(op, x, g, y, C, r0, r1, c0, c1, <const float*>cols, cf)
 
 
 cdef inline void set_col(const data_t* x, void* cols, Py_ssize_t i, double v) noexcept nogil:
@@ -385,7 +381,7 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef bint reduce = train or (grad and (j.training or j.dweight != NULL or j.dbias != NULL))
     cdef int op = 0 if fwd else (1 if j.training else 2)
     cdef int nt = team(C * nq, C * n, j.n_threads)
-    cdef Py_ssize_t k, nblk, blk, c0, c1, c, t, nn, q, rpt, nr
+    cdef Py_ssize_t k, nblk, blk, c0, c1, c, t, nn, q, rpt, nr, tid
     cdef double s1, s2, shift
     cdef param_t* rm = <param_t*>j.running_mean
     cdef param_t* rv = <param_t*>j.running_var
@@ -456,11 +452,13 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     rpt = cdiv(EW_BLOCK, S)
     nr = cdiv(N * C, rpt)
     nt = team(nr, C * n, j.n_threads)
-    for t in prange(nr, schedule='static', num_threads=nt):
-        c1 = (t + 1) * rpt
-        if c1 > N * C:
-            c1 = N * C
-        nchw_ew_runs(j, x, op, t * rpt, c1, cf)
+    for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
+        # Each thread's share, last first (see nhwc_run).
+        for t in range(((tid + 1) * nr) // nt - 1, (tid * nr) // nt - 1, -1):
+            c1 = (t + 1) * rpt
+            if c1 > N * C:
+                c1 = N * C
+            nchw_ew_runs(j, x, op, t * rpt, c1, cf)
     free(part)
     return 0
 
@@ -477,8 +475,8 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
 
 cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef Py_ssize_t M = j.N, C = j.C
-    cdef Py_ssize_t R = cdiv(CHUNK, C)
-    cdef Py_ssize_t nq, ntile, nblk, cb, blk, c0, c1, c, q, t, r1, rb, nr
+    cdef Py_ssize_t R = cdiv(NHWC_CHUNK, C)
+    cdef Py_ssize_t nq, ntile, c0, c1, c, q, t, r1, rb, nr, tid
     cdef Py_ssize_t itemsize = 8 if j.xtype == DT_F64 else (4 if j.xtype == DT_F32 else 2)
     cdef bint fwd = j.op != BWD_NHWC
     cdef bint train = j.op == FWD_TRAIN_NHWC
@@ -498,49 +496,16 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     # scratch: per chunk q the rows ps = part[2qC:], pq = part[(2q+1)C:];
     # float64 coefficients (mean, a, b, k) per channel, the math-type columns
     # of the element-wise pass (hi, lo, a, b, k) and the reduction shift.
-    cdef double* part = <double*>malloc(<size_t>((2 * nq + 10) * C + 1) * sizeof(double))
+    cdef double* part = <double*>malloc(<size_t>((2 * nq + 12) * C + 1) * sizeof(double))
     cdef double* cf = part + 2 * nq * C
     cdef void* cols = <void*>(cf + 4 * C)
     cdef double* shift = cf + 9 * C
+    cdef double* tot = cf + 10 * C          # merged sums: tot[0:C], tot[C:2C]
     if part == NULL:
         return -1
     if reduce:
         for c in range(C):
             shift[c] = j.mean[c] if grad else ld(x, c)
-
-    # Channel blocks (multiples of 16 channels) whose rows fit the cache budget.
-    cb = NHWC_BLOCK_BYTES // (M * itemsize * (2 if grad else 1))
-    cb = (cb // 16) * 16
-    if cb < 16:
-        cb = 16
-    nblk = cdiv(C, cb)
-    nt = team(nblk, M * C, j.n_threads)
-    if reduce and M * C * itemsize >= BLOCK_ABOVE_BYTES and nblk >= 2 * nt:
-        for blk in prange(nblk, schedule='static', num_threads=nt):
-            c0 = blk * cb
-            c1 = c0 + cb
-            if c1 > C:
-                c1 = C
-            for q in range(nq):
-                r1 = (q + 1) * R
-                if r1 > M:
-                    r1 = M
-                tile_sums(x, g, C, q * R, r1, c0, c1, shift, &part[2 * q * C],
-                          &part[(2 * q + 1) * C])
-            for c in range(c0, c1):
-                s1 = 0.0
-                s2 = 0.0
-                nhwc_merge(part, nq, C, c, &s1, &s2)
-                if fwd:
-                    finish_stats(j, c, ld(x, c), s1, s2, M, rm, rv)
-                    affine_coefs(j, c, w, b, &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
-                else:
-                    grad_coefs(j, c, s1, s2, M, w, &cf[c], &cf[C + c], &cf[2 * C + c],
-                               &cf[3 * C + c])
-                put_cols(x, cols, cf, c, C)
-            tile_ew(op, x, g, <data_t*>j.y, C, 0, M, c0, c1, cols)
-        free(part)
-        return 0
 
     if reduce:
         ntile = cdiv(C, CTASK)
@@ -556,11 +521,11 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
                 r1 = M
             tile_sums(x, g, C, q * R, r1, c0, c1, shift, &part[2 * q * C],
                       &part[(2 * q + 1) * C])
+    if reduce:
+        nhwc_merge(part, nq, C, 0, C, tot, tot + C)
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        if reduce:
-            nhwc_merge(part, nq, C, c, &s1, &s2)
+        s1 = tot[c] if reduce else 0.0
+        s2 = tot[C + c] if reduce else 0.0
         if train:
             finish_stats(j, c, ld(x, c), s1, s2, M, rm, rv)
         elif fwd:
@@ -573,11 +538,14 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     rb = cdiv(EW_BLOCK, C)
     nr = cdiv(M, rb)
     nt = team(nr, M * C, j.n_threads)
-    for t in prange(nr, schedule='static', num_threads=nt):
-        r1 = (t + 1) * rb
-        if r1 > M:
-            r1 = M
-        tile_ew(op, x, g, <data_t*>j.y, C, t * rb, r1, 0, C, cols)
+    for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
+        # Each thread's share of row blocks, last first: the reduction just
+        # read them in order, so the most recent ones are still in cache.
+        for t in range(((tid + 1) * nr) // nt - 1, (tid * nr) // nt - 1, -1):
+            r1 = (t + 1) * rb
+            if r1 > M:
+                r1 = M
+            tile_ew(op, x, g, <data_t*>j.y, C, t * rb, r1, 0, C, cols, cf)
     free(part)
     return 0
 
@@ -592,16 +560,18 @@ cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssiz
     set_col(x, cols, 4 * C + c, cf[3 * C + c])
 
 
-cdef inline void nhwc_merge(const double* part, Py_ssize_t nq, Py_ssize_t C, Py_ssize_t c,
-                            double* s1, double* s2) noexcept nogil:
-    """Sum channel c's chunk partials in chunk order."""
-    cdef Py_ssize_t q
-    cdef double a = 0.0, b = 0.0
+cdef inline void nhwc_merge(const double* part, Py_ssize_t nq, Py_ssize_t C, Py_ssize_t c0,
+                            Py_ssize_t c1, double* s1, double* s2) noexcept nogil:
+    """s1[c], s2[c] = channel c's chunk partials summed in chunk order, for
+    c in [c0, c1); row by row, so the partials are read in memory order."""
+    cdef Py_ssize_t q, c
+    for c in range(c0, c1):
+        s1[c] = 0.0
+        s2[c] = 0.0
     for q in range(nq):
-        a += part[2 * q * C + c]
-        b += part[(2 * q + 1) * C + c]
-    s1[0] = a
-    s2[0] = b
+        for c in range(c0, c1):
+            s1[c] += part[2 * q * C + c]
+            s2[c] += part[(2 * q + 1) * C + c]
 
 
 # ----------------------------------------------------------------------------
@@ -778,13 +748,9 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int n_threads):
             memcpy(d + i * block, s + i * block, <size_t>length)
 
 
-def _set_tuning(run_bytes=None, nhwc_block_bytes=None, block_above_bytes=None):
+def _set_tuning(run_bytes=None):
     """Change traversal parameters (for benchmarks; results do not change)."""
-    global RUN_BYTES, NHWC_BLOCK_BYTES, BLOCK_ABOVE_BYTES
+    global RUN_BYTES
     if run_bytes is not None:
         RUN_BYTES = run_bytes
-    if nhwc_block_bytes is not None:
-        NHWC_BLOCK_BYTES = nhwc_block_bytes
-    if block_above_bytes is not None:
-        BLOCK_ABOVE_BYTES = block_above_bytes
-    return RUN_BYTES, NHWC_BLOCK_BYTES, BLOCK_ABOVE_BYTES
+    return RUN_BYTES

@@ -8,9 +8,11 @@
  * float products in float would leave an error relative to the sum of the
  * terms' magnitudes, which cancellation turns into a large relative error.
  *
- * Element-wise passes run in a "math type" M: float for float32 and float16
- * data (16 lanes, no conversion besides float16 loads and stores), double for
- * float64 data.  Centering uses the mean split in two, t = (x - hi) - lo with
+ * Element-wise passes without cancellation (y = (x - mean) a + b, eval-mode
+ * dx = a dy) run in a "math type" M: float for float32 and float16 data (16
+ * lanes, no conversion besides float16 loads and stores), double for float64
+ * data.  The training dx = a dy + b (x - mean) + k cancels almost entirely for
+ * small batches, so it keeps float64 lanes.  Centering uses the mean split in two, t = (x - hi) - lo with
  * hi + lo = mean (hi the nearest M), so a large mean costs no precision:
  * x - hi is exact when x is near the mean (Sterbenz).
  *
@@ -118,16 +120,41 @@ static inline fbn_d8 fbn_ld8_f16(const uint16_t *p) {
     fbn_h8 v; memcpy(&v, p, 16);
     return __builtin_convertvector(__builtin_convertvector(v, fbn_f8), fbn_d8);
 }
+static inline void fbn_st8_f16(uint16_t *p, fbn_d8 v) {
+    fbn_h8 h = __builtin_convertvector(__builtin_convertvector(v, fbn_f8), fbn_h8);
+    memcpy(p, &h, 16);
+}
 #else
 static inline fbn_d8 fbn_ld8_f16(const uint16_t *p) {
     fbn_d8 v; for (int i = 0; i < 8; i++) v[i] = (double)fastbn_h2f(p[i]); return v;
 }
+static inline void fbn_st8_f16(uint16_t *p, fbn_d8 v) {
+    for (int i = 0; i < 8; i++) p[i] = fastbn_f2h((float)v[i]);
+}
 #endif
+static inline void fbn_st8_f64(double *p, fbn_d8 v) { fbn_st_f64(p, v); }
+static inline void fbn_st8_f32(float *p, fbn_d8 v) {
+    fbn_f8 f = __builtin_convertvector(v, fbn_f8); memcpy(p, &f, 32);
+}
 
 static inline fbn_d8 fbn_splat_d(double a) { fbn_d8 v = {a, a, a, a, a, a, a, a}; return v; }
 static inline fbn_s16 fbn_splat_s(float a) {
     fbn_s16 v = {a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; return v;
 }
+
+/* Columns of float64 coefficients, channels [c, c+8), padded past C. */
+static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
+    if (c + 8 <= C) return fbn_ld_f64(col + c);
+    fbn_d8 v = fbn_splat_d(0);
+    for (ptrdiff_t i = 0; c + i < C; i++) v[i] = col[c + i];
+    return v;
+}
+
+/* Channels-last tiles at least this many channels wide are reduced by
+ * streaming rows (sums in L1) rather than by walking columns. */
+#ifndef FBN_ROW_TILE
+#define FBN_ROW_TILE 64
+#endif
 
 /* Lanes summed in a fixed tree. */
 static inline double fbn_hsum(fbn_d8 v) {
@@ -165,6 +192,25 @@ static inline fbn_d8 fbn_ldn8_##S(const T *p, ptrdiff_t n, T fill) {            
     fbn_d8 v = fbn_splat_d((double)CVT(fill));                                    \
     for (ptrdiff_t i = 0; i < n; i++) v[i] = (double)CVT(p[i]);                   \
     return v;                                                                     \
+}                                                                                 \
+                                                                                  \
+static inline void fbn_stn8_##S(T *p, ptrdiff_t n, fbn_d8 v) {                   \
+    T buf[8];                                                                     \
+    fbn_st8_##S(buf, v);                                                          \
+    memcpy(p, buf, (size_t)n * sizeof(T));                                        \
+}                                                                                 \
+                                                                                  \
+/* Training dx = a g + b (x - mean) + k in float64 lanes. */                      \
+static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,         \
+                               double mean, double a, double b, double k) {       \
+    const fbn_d8 m = fbn_splat_d(mean), A = fbn_splat_d(a), B = fbn_splat_d(b),   \
+                 K = fbn_splat_d(k);                                              \
+    ptrdiff_t i = 0, r;                                                           \
+    for (; i + 8 <= n; i += 8)                                                    \
+        fbn_st8_##S(y + i, A * fbn_ld8_##S(g + i) + B * (fbn_ld8_##S(x + i) - m) + K); \
+    if ((r = n - i) > 0)                                                          \
+        fbn_stn8_##S(y + i, r, A * fbn_ldn8_##S(g + i, r, 0)                      \
+                               + B * (fbn_ldn8_##S(x + i, r, 0) - m) + K);        \
 }                                                                                 \
                                                                                   \
 /* s[0] += sum(x - shift), s[1] += sum((x - shift)^2).  `fill` is an element     \
@@ -226,12 +272,7 @@ static inline void fbn_ew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t n,
         if ((r = n - i) > 0)                                                      \
             fbn_stn_##S(y + i, r, ((fbn_ldn_##S(x + i, r, 0) - H) - L) * A + B);  \
     } else if (op == 1) {                                                         \
-        for (; i + W <= n; i += W)                                                \
-            fbn_st_##S(y + i, A * fbn_ld_##S(g + i)                               \
-                              + B * ((fbn_ld_##S(x + i) - H) - L) + K);           \
-        if ((r = n - i) > 0)                                                      \
-            fbn_stn_##S(y + i, r, A * fbn_ldn_##S(g + i, r, 0)                    \
-                                  + B * ((fbn_ldn_##S(x + i, r, 0) - H) - L) + K); \
+        fbn_dx8_##S(x, g, y, n, mean, a, b, k);                                   \
     } else {                                                                      \
         for (; i + W <= n; i += W)                                                \
             fbn_st_##S(y + i, A * fbn_ld_##S(g + i));                             \
@@ -261,15 +302,32 @@ static inline fbn_d8 fbn_tld8_##S(const T *p, ptrdiff_t c, ptrdiff_t C) {       
                                                                                   \
 /* Statistics (g == NULL): ps[c] = sum of (x - shift[c]), pq[c] = the sum of     \
  * squares; gradients: ps[c] = sum of g, pq[c] = sum of g * (x - shift[c]).      \
- * Float64 lanes, 8 channels each; a group walks down the rows keeping its sums  \
- * in registers (the rows of a chunk are short and close together). */          \
+ * Float64 lanes, 8 channels each, every channel summed down its column in row  \
+ * order from 0.  Narrow tiles walk each group of 8 down the rows with the sums  \
+ * in registers; wide tiles stream whole rows with the sums in ps / pq (L1).     \
+ * Both give the same bits. */                                                   \
 static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,             \
                                  ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,        \
                                  ptrdiff_t c1, const double *shift,               \
                                  double *ps, double *pq) {                        \
-    for (ptrdiff_t c = c0; c < c1; c += 8) {                                      \
-        fbn_d8 sh = fbn_splat_d(0), a = sh, b = sh;                               \
-        for (int i = 0; i < 8 && c + i < C; i++) sh[i] = shift[c + i];            \
+    ptrdiff_t cf = c0 + ((c1 - c0) / 8) * 8;     /* full groups: [c0, cf) */      \
+    ptrdiff_t c = c0;                                                             \
+    if (cf - c0 >= FBN_ROW_TILE) {                                                \
+        for (c = c0; c < cf; c++) { ps[c] = 0.0; pq[c] = 0.0; }                   \
+        for (ptrdiff_t r = r0; r < r1; r++) {                                     \
+            const T *xr = x + r * C, *gr = g + r * C;                             \
+            for (c = c0; c < cf; c += 8) {                                        \
+                fbn_d8 a = fbn_ld_f64(ps + c), b = fbn_ld_f64(pq + c);            \
+                fbn_d8 d = fbn_ld8_##S(xr + c) - fbn_ld_f64(shift + c);           \
+                if (g == NULL) { a += d; b += d * d; }                            \
+                else { fbn_d8 gv = fbn_ld8_##S(gr + c); a += gv; b += gv * d; }   \
+                fbn_st_f64(ps + c, a); fbn_st_f64(pq + c, b);                     \
+            }                                                                     \
+        }                                                                         \
+        c = cf;                                                                   \
+    }                                                                             \
+    for (; c < c1; c += 8) {                                                      \
+        fbn_d8 sh = fbn_col8(shift, c, C), a = fbn_splat_d(0), b = a;             \
         if (g == NULL) {                                                          \
             for (ptrdiff_t r = r0; r < r1; r++) {                                 \
                 fbn_d8 d = fbn_tld8_##S(x + r * C + c, c, C) - sh;                \
@@ -285,30 +343,36 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
     }                                                                             \
 }                                                                                 \
                                                                                   \
-/* Element-wise over a tile, row by row (op as fbn_ew, per-channel columns). */  \
+/* Element-wise over a tile, row by row (op as fbn_ew): ops 0 and 2 use the    \
+ * math-type columns cols = (hi, lo, a, b, k), op 1 the float64 columns         \
+ * cf = (mean, a, b, k), each of length C. */                                    \
 static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C, \
                                ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,          \
-                               ptrdiff_t c1, const M *cols) {                     \
-    const M *hi = cols, *lo = cols + C, *a = cols + 2 * C, *b = cols + 3 * C,     \
-            *k = cols + 4 * C;                                                    \
+                               ptrdiff_t c1, const M *cols, const double *cf) {   \
+    const M *hi = cols, *lo = cols + C, *a = cols + 2 * C, *b = cols + 3 * C;     \
     for (ptrdiff_t r = r0; r < r1; r++) {                                         \
         const T *xr = x + r * C, *gr = g + r * C;                                 \
         T *yr = y + r * C;                                                        \
-        for (ptrdiff_t c = c0; c < c1; c += W) {                                  \
-            V v;                                                                  \
-            if (op == 0)                                                          \
-                v = ((fbn_tld_##S(xr + c, c, C) - fbn_col_##S(hi, c, C))          \
-                     - fbn_col_##S(lo, c, C)) * fbn_col_##S(a, c, C)              \
-                    + fbn_col_##S(b, c, C);                                       \
-            else if (op == 1)                                                     \
-                v = fbn_col_##S(a, c, C) * fbn_tld_##S(gr + c, c, C)              \
-                    + fbn_col_##S(b, c, C) * ((fbn_tld_##S(xr + c, c, C)          \
-                                               - fbn_col_##S(hi, c, C))           \
-                                              - fbn_col_##S(lo, c, C))            \
-                    + fbn_col_##S(k, c, C);                                       \
-            else                                                                  \
-                v = fbn_col_##S(a, c, C) * fbn_tld_##S(gr + c, c, C);             \
-            if (c + W <= C) fbn_st_##S(yr + c, v); else fbn_stn_##S(yr + c, C - c, v); \
+        if (op == 1) {                                                            \
+            for (ptrdiff_t c = c0; c < c1; c += 8) {                              \
+                fbn_d8 v = fbn_col8(cf + C, c, C) * fbn_tld8_##S(gr + c, c, C)    \
+                    + fbn_col8(cf + 2 * C, c, C) * (fbn_tld8_##S(xr + c, c, C)    \
+                                                   - fbn_col8(cf, c, C))          \
+                    + fbn_col8(cf + 3 * C, c, C);                                 \
+                if (c + 8 <= C) fbn_st8_##S(yr + c, v); else fbn_stn8_##S(yr + c, C - c, v); \
+            }                                                                     \
+        } else if (op == 0) {                                                     \
+            for (ptrdiff_t c = c0; c < c1; c += W) {                              \
+                V v = ((fbn_tld_##S(xr + c, c, C) - fbn_col_##S(hi, c, C))        \
+                       - fbn_col_##S(lo, c, C)) * fbn_col_##S(a, c, C)            \
+                      + fbn_col_##S(b, c, C);                                     \
+                if (c + W <= C) fbn_st_##S(yr + c, v); else fbn_stn_##S(yr + c, C - c, v); \
+            }                                                                     \
+        } else {                                                                  \
+            for (ptrdiff_t c = c0; c < c1; c += W) {                              \
+                V v = fbn_col_##S(a, c, C) * fbn_tld_##S(gr + c, c, C);           \
+                if (c + W <= C) fbn_st_##S(yr + c, v); else fbn_stn_##S(yr + c, C - c, v); \
+            }                                                                     \
         }                                                                         \
     }                                                                             \
 }
