@@ -45,18 +45,19 @@ cdef extern from * nogil:
 
 cdef extern from "_simd.h" nogil:
     float fastbn_h2f(unsigned short h)
-    void fbn_sums_f32(const float* x, Py_ssize_t n, double shift, float fill, double* s)
-    void fbn_gsums_f32(const float* x, const float* g, Py_ssize_t n, double mean, double* s)
+    void fbn_merge16(const double* part, Py_ssize_t nq, double* s1, double* s2)
+    void fbn_sums_f32(const float* x, Py_ssize_t n, double shift, float fill, double* acc)
+    void fbn_gsums_f32(const float* x, const float* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t n, double mean, double a, double b, double k)
     void fbn_tsums_f32(const float* x, const float* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
     void fbn_tew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols, const double* cf)
-    void fbn_sums_f64(const double* x, Py_ssize_t n, double shift, double fill, double* s)
-    void fbn_gsums_f64(const double* x, const double* g, Py_ssize_t n, double mean, double* s)
+    void fbn_sums_f64(const double* x, Py_ssize_t n, double shift, double fill, double* acc)
+    void fbn_gsums_f64(const double* x, const double* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f64(int op, const double* x, const double* g, double* y, Py_ssize_t n, double mean, double a, double b, double k)
     void fbn_tsums_f64(const double* x, const double* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
     void fbn_tew_f64(int op, const double* x, const double* g, double* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* cols, const double* cf)
-    void fbn_sums_f16(const unsigned short* x, Py_ssize_t n, double shift, unsigned short fill, double* s)
-    void fbn_gsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t n, double mean, double* s)
+    void fbn_sums_f16(const unsigned short* x, Py_ssize_t n, double shift, unsigned short fill, double* acc)
+    void fbn_gsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, double mean, double a, double b, double k)
     void fbn_tsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
     void fbn_tew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols, const double* cf)
@@ -295,18 +296,6 @@ cdef inline void grad_coefs(Job* j, Py_ssize_t c, double sdy, double sdyx, Py_ss
         k[0] = 0.0
 
 
-cdef inline void merge(const double* part, Py_ssize_t nq, Py_ssize_t stride,
-                       double* s1, double* s2) noexcept nogil:
-    """Sum chunk partials (part[q*stride], part[q*stride + 1]) in chunk order."""
-    cdef Py_ssize_t q
-    cdef double a = 0.0, b = 0.0
-    for q in range(nq):
-        a += part[q * stride]
-        b += part[q * stride + 1]
-    s1[0] = a
-    s2[0] = b
-
-
 # ----------------------------------------------------------------------------
 # channels-first (N, C, S)
 #
@@ -334,9 +323,9 @@ cdef inline void nchw_reduce_run(Job* j, const data_t* x, Py_ssize_t nn, Py_ssiz
         if stop > end:
             stop = end
         if grad:
-            gsums(x + base + e, <const data_t*>j.dy + base + e, stop - e, shift, &part_c[2 * q])
+            gsums(x + base + e, <const data_t*>j.dy + base + e, stop - e, shift, &part_c[16 * q])
         else:
-            sums(x + base + e, stop - e, shift, x[c * j.S], &part_c[2 * q])
+            sums(x + base + e, stop - e, shift, x[c * j.S], &part_c[16 * q])
         e = stop
         q += 1
 
@@ -349,8 +338,8 @@ cdef inline void nchw_reduce_chunk(Job* j, const data_t* x, Py_ssize_t c, Py_ssi
     cdef Py_ssize_t nn, lo, hi
     if e1 > j.N * S:
         e1 = j.N * S
-    part_c[2 * q] = 0.0
-    part_c[2 * q + 1] = 0.0
+    for nn in range(16):
+        part_c[16 * q + nn] = 0.0
     for nn in range(e0 // S, cdiv(e1, S)):
         lo = e0 - nn * S if e0 > nn * S else 0
         hi = e1 - nn * S if e1 < (nn + 1) * S else S
@@ -387,9 +376,9 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef param_t* rv = <param_t*>j.running_var
     cdef const param_t* w = <const param_t*>j.weight
     cdef const param_t* b = <const param_t*>j.bias
-    # scratch: 2 partial sums per (channel, chunk), then 4 coefficients per channel
-    cdef double* part = <double*>malloc(<size_t>(2 * C * nq + 4 * C + 1) * sizeof(double))
-    cdef double* cf = part + 2 * C * nq
+    # scratch: 16 partial-sum lanes per (channel, chunk), 4 coefficients per channel
+    cdef double* part = <double*>malloc(<size_t>(16 * C * nq + 4 * C + 1) * sizeof(double))
+    cdef double* cf = part + 16 * C * nq
     if part == NULL:
         return -1
 
@@ -407,17 +396,17 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
             c1 = c0 + k
             if c1 > C:
                 c1 = C
-            for c in range(2 * c0 * nq, 2 * c1 * nq):
+            for c in range(16 * c0 * nq, 16 * c1 * nq):
                 part[c] = 0.0
             for nn in range(N):
                 q = (nn * S) // CHUNK
                 for c in range(c0, c1):
                     shift = j.mean[c] if grad else ld(x, c * S)
-                    nchw_reduce_run(j, x, nn, c, 0, S, q, grad, shift, &part[2 * c * nq])
+                    nchw_reduce_run(j, x, nn, c, 0, S, q, grad, shift, &part[16 * c * nq])
             for c in range(c0, c1):
                 s1 = 0.0
                 s2 = 0.0
-                merge(&part[2 * c * nq], nq, 2, &s1, &s2)
+                fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
                 if fwd:
                     finish_stats(j, c, ld(x, c * S), s1, s2, n, rm, rv)
                     affine_coefs(j, c, w, b, &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2],
@@ -434,12 +423,12 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         for t in prange(C * nq, schedule='static', num_threads=nt):
             c = t // nq
             shift = j.mean[c] if grad else ld(x, c * S)
-            nchw_reduce_chunk(j, x, c, t - c * nq, grad, shift, &part[2 * c * nq])
+            nchw_reduce_chunk(j, x, c, t - c * nq, grad, shift, &part[16 * c * nq])
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
         if reduce:
-            merge(&part[2 * c * nq], nq, 2, &s1, &s2)
+            fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
         if train:
             finish_stats(j, c, ld(x, c * S), s1, s2, n, rm, rv)
         elif fwd:

@@ -167,6 +167,18 @@ static inline void fbn_split_s16(double m, float *hi, float *lo) {
     *hi = (float)m; *lo = (float)(m - (double)*hi);
 }
 
+/* Channel totals from nq chunk partials of 16 lanes each (see fbn_sums):
+ * lanes summed over chunks in chunk order, then across lanes in a fixed tree. */
+static inline void fbn_merge16(const double *part, ptrdiff_t nq, double *s1, double *s2) {
+    fbn_d8 a = fbn_splat_d(0), b = a;
+    for (ptrdiff_t q = 0; q < nq; q++) {
+        a += fbn_ld_f64(part + 16 * q);
+        b += fbn_ld_f64(part + 16 * q + 8);
+    }
+    *s1 = fbn_hsum(a);
+    *s2 = fbn_hsum(b);
+}
+
 /* ---- the per-type family ---------------------------------------------------
  * T storage type, S suffix, M math scalar, V math vector, W lanes, VS vector
  * suffix (d8 / s16), CVT scalar storage -> math conversion. */
@@ -213,10 +225,14 @@ static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,       
                                + B * (fbn_ldn8_##S(x + i, r, 0) - m) + K);        \
 }                                                                                 \
                                                                                   \
-/* s[0] += sum(x - shift), s[1] += sum((x - shift)^2).  `fill` is an element     \
- * equal to shift, so padded lanes add exactly zero. */                          \
+/* Chunk partials are kept as vectors, acc[0:8] and acc[8:16] (one lane per    \
+ * position mod 8 in the run), and reduced across lanes once per channel by     \
+ * fbn_merge16: a horizontal sum per short run would cost more than the run.    \
+ *                                                                                \
+ * acc += lanes of (x - shift) and (x - shift)^2.  `fill` is an element equal    \
+ * to shift, so padded lanes add exactly zero. */                                \
 static inline void fbn_sums_##S(const T *x, ptrdiff_t n, double shift, T fill,    \
-                                double *s) {                                      \
+                                double *acc) {                                    \
     const fbn_d8 h = fbn_splat_d(shift);                                          \
     fbn_d8 a0 = fbn_splat_d(0), b0 = a0, a1 = a0, b1 = a0, d0, d1;                \
     ptrdiff_t i = 0;                                                              \
@@ -228,13 +244,13 @@ static inline void fbn_sums_##S(const T *x, ptrdiff_t n, double shift, T fill,  
         d0 = (i + 8 <= n ? fbn_ld8_##S(x + i) : fbn_ldn8_##S(x + i, n - i, fill)) - h; \
         a0 += d0; b0 += d0 * d0;                                                  \
     }                                                                             \
-    s[0] += fbn_hsum(a0 + a1);                                                    \
-    s[1] += fbn_hsum(b0 + b1);                                                    \
+    fbn_st_f64(acc, fbn_ld_f64(acc) + (a0 + a1));                                 \
+    fbn_st_f64(acc + 8, fbn_ld_f64(acc + 8) + (b0 + b1));                         \
 }                                                                                 \
                                                                                   \
-/* s[0] += sum(g), s[1] += sum(g * (x - mean)); padded lanes have g = 0. */       \
+/* acc += lanes of g and g * (x - mean); padded lanes have g = 0. */              \
 static inline void fbn_gsums_##S(const T *x, const T *g, ptrdiff_t n,             \
-                                 double mean, double *s) {                        \
+                                 double mean, double *acc) {                      \
     const fbn_d8 m = fbn_splat_d(mean);                                           \
     fbn_d8 a0 = fbn_splat_d(0), b0 = a0, a1 = a0, b1 = a0, g0, g1;                \
     ptrdiff_t i = 0;                                                              \
@@ -251,8 +267,8 @@ static inline void fbn_gsums_##S(const T *x, const T *g, ptrdiff_t n,           
             a0 += g0; b0 += g0 * (fbn_ldn8_##S(x + i, n - i, 0) - m);             \
         }                                                                         \
     }                                                                             \
-    s[0] += fbn_hsum(a0 + a1);                                                    \
-    s[1] += fbn_hsum(b0 + b1);                                                    \
+    fbn_st_f64(acc, fbn_ld_f64(acc) + (a0 + a1));                                 \
+    fbn_st_f64(acc + 8, fbn_ld_f64(acc + 8) + (b0 + b1));                         \
 }                                                                                 \
                                                                                   \
 /* Element-wise with per-run coefficients:                                        \
