@@ -12,6 +12,8 @@ import numpy as np
 from . import _dispatch, _threads
 from ._stats import RunningStats
 
+_NUMPY = _dispatch.adapter(np.empty(0))
+
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 # Parameter / statistics dtype for each data dtype (float16 computes in float32).
 PARAM_DTYPE = {_F32: _F32, _F64: _F64, _F16: _F32}
@@ -48,6 +50,7 @@ class Context:
 # layouts
 
 _PERMS = {}
+_IDENT = {n: tuple(range(n)) for n in range(2, 6)}
 
 
 def _perms(ndim, axis):
@@ -82,13 +85,13 @@ def _kernel_view(a, layout, perm, identity, C, S):
     return v.reshape(-1, C)
 
 
-def _allocate(shape, dtype, layout, perm, identity, C, S):
+def _allocate(xp, shape, dtype, layout, perm, identity, C, S):
     """(logical array, kernel view) of a new array in the given layout."""
     if identity:
-        buf = np.empty(shape, dtype)
+        buf = xp.empty(shape, dtype)
         logical = buf
     else:
-        buf = np.empty(tuple(shape[p] for p in perm), dtype)
+        buf = xp.empty(tuple(shape[p] for p in perm), dtype)
         logical = buf.transpose(np.argsort(perm))
     view = buf.reshape(shape[0], C, S) if layout == NCHW else buf.reshape(-1, C)
     return logical, view
@@ -98,11 +101,14 @@ def _resolve(a, axis, C, S):
     """Choose the layout for x: the preferred one if the strides allow it,
     else the other one if they allow that (no copy), else a copy in the
     preferred layout.  Returns (layout, perm, identity, view)."""
+    if a.flags.c_contiguous:       # the common case: no strides to read
+        if axis == 1 and S != 1 and a.ndim > 2:
+            return NCHW, _IDENT[a.ndim], True, a.reshape(a.shape[0], C, S)
+        if axis == -1 or a.ndim == 2 or S == 1:
+            return NHWC, _IDENT[a.ndim], True, a.reshape(-1, C)
     preferred, perms = _perms(a.ndim, axis)
     order = (preferred, NHWC if preferred == NCHW else NCHW)
     if S == 1:                     # (N, C, 1, ...) is (M, C) memory either way
-        if a.flags.c_contiguous:   # keep the caller's strides for y
-            return NHWC, tuple(range(a.ndim)), True, a.reshape(-1, C)
         order = (NHWC,)
     for layout in order:
         perm, identity = perms[layout]
@@ -117,6 +123,12 @@ def _resolve(a, axis, C, S):
 
 # ----------------------------------------------------------------------------
 # argument checks
+
+def _same_memory(a, b):
+    """Whether two arrays are the same elements (same start, shape and strides)."""
+    ptr = (lambda v: v.ctypes.data) if isinstance(a, np.ndarray) else (lambda v: v.data.ptr)
+    return ptr(a) == ptr(b) and a.shape == b.shape and a.strides == b.strides
+
 
 def _check_x(x, axis, argname="x"):
     ad = _dispatch.adapter(x, argname)
@@ -149,6 +161,9 @@ def _check_param(p, name, ad, C, xdtype, pdtype):
     """(array in the parameter dtype, the caller's dtype) or (None, None)."""
     if p is None:
         return None, None
+    if (type(p) is np.ndarray and ad is _NUMPY and p.dtype is pdtype and p.ndim == 1
+            and p.shape[0] == C and p.flags.c_contiguous):
+        return p, pdtype
     pad = _dispatch.adapter(p, name)
     if pad is not ad:
         raise TypeError(f"{name}: expected a {ad.name} array like x, got a {pad.name} array")
@@ -180,6 +195,11 @@ def _check_stats(stats, device, C, pdtype, xdtype):
 
 
 def _check_out(out, ad, shape, dtype, layout, perm, identity, C, S, argname="out"):
+    if (type(out) is np.ndarray and ad is _NUMPY and out.shape == shape
+            and out.dtype is dtype and out.flags.writeable):
+        view = _kernel_view(out, layout, perm, identity, C, S)
+        if view is not None:
+            return view
     oad = _dispatch.adapter(out, argname)
     if oad is not ad:
         raise TypeError(f"{argname}: expected a {ad.name} array like the input, "
@@ -263,17 +283,20 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
                          "statistics; expected a RunningStats, got None")
     nt = _threads.resolve(num_threads)
 
+    kernels = _dispatch.backend(device)
+    xp = kernels.xp
     layout, perm, identity, xv = _resolve(xn, axis, C, S)
+    in_place = False
     if out is None:
-        y, yv = _allocate(shape, dtype, layout, perm, identity, C, S)
+        y, yv = _allocate(xp, shape, dtype, layout, perm, identity, C, S)
     else:
         yv = _check_out(out, ad, shape, dtype, layout, perm, identity, C, S)
-        if np.may_share_memory(yv, xv) and training:
+        in_place = xp.may_share_memory(yv, xv)
+        if in_place and training:
             raise ValueError("out: may not overlap x when training (backward needs x); "
                              "in-place forward is supported with training=False")
-    mean = np.empty(C, _F64)
-    invstd = np.empty(C, _F64)
-    kernels = _dispatch.backend(device)
+    mean = xp.empty(C, _F64)
+    invstd = xp.empty(C, _F64)
     if training:
         if stats is not None:
             factor = stats._next_factor()
@@ -294,7 +317,7 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
     ctx.layout = layout
     ctx.training = training
     # An in-place inference overwrote x: backward can still give dx, not dweight.
-    ctx.x = None if out is not None and np.may_share_memory(yv, xv) else xv
+    ctx.x = None if in_place else xv
     ctx.weight = w
     ctx.weight_dtype = wdtype
     ctx.bias_dtype = bdtype
@@ -356,20 +379,19 @@ def backward(dy, ctx, *, out=None, num_threads=None):
     if xv is None and needs_x:
         raise ValueError("ctx: the forward wrote y over x (in-place), so x is gone; "
                          "backward can only give dx for an eval forward without affine")
+    kernels = _dispatch.backend(ctx.device)
+    xp = kernels.xp
     if out is None:
-        dx, dxv = _allocate(ctx.shape, ctx.dtype, layout, perm, identity, C, S)
+        dx, dxv = _allocate(xp, ctx.shape, ctx.dtype, layout, perm, identity, C, S)
     else:
         dxv = _check_out(out, ad, ctx.shape, ctx.dtype, layout, perm, identity, C, S)
-        if xv is not None and np.may_share_memory(dxv, xv):
+        if xv is not None and xp.may_share_memory(dxv, xv):
             raise ValueError("out: may not overlap x (the forward's input)")
-        if np.may_share_memory(dxv, dyv) and not (
-                dxv.__array_interface__["data"][0] == dyv.__array_interface__["data"][0]
-                and dxv.strides == dyv.strides):
+        if xp.may_share_memory(dxv, dyv) and not _same_memory(dxv, dyv):
             raise ValueError("out: may be dy itself but must not partly overlap it")
     pdtype = PARAM_DTYPE[ctx.dtype]
-    dweight = None if ctx.weight_dtype is None else np.empty(C, pdtype)
-    dbias = None if ctx.bias_dtype is None else np.empty(C, pdtype)
-    kernels = _dispatch.backend(ctx.device)
+    dweight = None if ctx.weight_dtype is None else xp.empty(C, pdtype)
+    dbias = None if ctx.bias_dtype is None else xp.empty(C, pdtype)
     getattr(kernels, "backward_" + layout)(xv if xv is not None else dyv, dyv, dxv, ctx.mean,
                                            ctx.invstd, ctx.weight, dweight, dbias,
                                            ctx.training, nt)

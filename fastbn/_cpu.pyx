@@ -24,11 +24,14 @@
 
 cimport numpy as cnp
 from cython.parallel cimport prange
+import numpy
 from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 cnp.import_array()
+
+xp = numpy          # the array module of this backend's arrays (_gpu.py: cupy)
 
 cdef extern from * nogil:
     """

@@ -234,30 +234,37 @@ static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,       
 static inline void fbn_sums_##S(const T *x, ptrdiff_t n, double shift, T fill,    \
                                 double *acc) {                                    \
     const fbn_d8 h = fbn_splat_d(shift);                                          \
-    fbn_d8 a0 = fbn_splat_d(0), b0 = a0, a1 = a0, b1 = a0, d0, d1;                \
+    fbn_d8 a0 = fbn_splat_d(0), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0,      \
+           a3 = a0, b3 = a0, d0, d1, d2, d3;                                      \
     ptrdiff_t i = 0;                                                              \
-    for (; i + 16 <= n; i += 16) {                                                \
+    for (; i + 32 <= n; i += 32) {         /* four chains hide the add latency */ \
         d0 = fbn_ld8_##S(x + i) - h; d1 = fbn_ld8_##S(x + i + 8) - h;             \
+        d2 = fbn_ld8_##S(x + i + 16) - h; d3 = fbn_ld8_##S(x + i + 24) - h;       \
         a0 += d0; b0 += d0 * d0; a1 += d1; b1 += d1 * d1;                         \
+        a2 += d2; b2 += d2 * d2; a3 += d3; b3 += d3 * d3;                         \
     }                                                                             \
     for (; i < n; i += 8) {                                                       \
         d0 = (i + 8 <= n ? fbn_ld8_##S(x + i) : fbn_ldn8_##S(x + i, n - i, fill)) - h; \
         a0 += d0; b0 += d0 * d0;                                                  \
     }                                                                             \
-    fbn_st_f64(acc, fbn_ld_f64(acc) + (a0 + a1));                                 \
-    fbn_st_f64(acc + 8, fbn_ld_f64(acc + 8) + (b0 + b1));                         \
+    fbn_st_f64(acc, fbn_ld_f64(acc) + ((a0 + a1) + (a2 + a3)));                   \
+    fbn_st_f64(acc + 8, fbn_ld_f64(acc + 8) + ((b0 + b1) + (b2 + b3)));           \
 }                                                                                 \
                                                                                   \
 /* acc += lanes of g and g * (x - mean); padded lanes have g = 0. */              \
 static inline void fbn_gsums_##S(const T *x, const T *g, ptrdiff_t n,             \
                                  double mean, double *acc) {                      \
     const fbn_d8 m = fbn_splat_d(mean);                                           \
-    fbn_d8 a0 = fbn_splat_d(0), b0 = a0, a1 = a0, b1 = a0, g0, g1;                \
+    fbn_d8 a0 = fbn_splat_d(0), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0,      \
+           a3 = a0, b3 = a0, g0, g1, g2, g3;                                      \
     ptrdiff_t i = 0;                                                              \
-    for (; i + 16 <= n; i += 16) {                                                \
+    for (; i + 32 <= n; i += 32) {                                                \
         g0 = fbn_ld8_##S(g + i); g1 = fbn_ld8_##S(g + i + 8);                     \
+        g2 = fbn_ld8_##S(g + i + 16); g3 = fbn_ld8_##S(g + i + 24);               \
         a0 += g0; b0 += g0 * (fbn_ld8_##S(x + i) - m);                            \
         a1 += g1; b1 += g1 * (fbn_ld8_##S(x + i + 8) - m);                        \
+        a2 += g2; b2 += g2 * (fbn_ld8_##S(x + i + 16) - m);                       \
+        a3 += g3; b3 += g3 * (fbn_ld8_##S(x + i + 24) - m);                       \
     }                                                                             \
     for (; i < n; i += 8) {                                                       \
         if (i + 8 <= n) {                                                         \
@@ -267,8 +274,8 @@ static inline void fbn_gsums_##S(const T *x, const T *g, ptrdiff_t n,           
             a0 += g0; b0 += g0 * (fbn_ldn8_##S(x + i, n - i, 0) - m);             \
         }                                                                         \
     }                                                                             \
-    fbn_st_f64(acc, fbn_ld_f64(acc) + (a0 + a1));                                 \
-    fbn_st_f64(acc + 8, fbn_ld_f64(acc + 8) + (b0 + b1));                         \
+    fbn_st_f64(acc, fbn_ld_f64(acc) + ((a0 + a1) + (a2 + a3)));                   \
+    fbn_st_f64(acc + 8, fbn_ld_f64(acc + 8) + ((b0 + b1) + (b2 + b3)));           \
 }                                                                                 \
                                                                                   \
 /* Element-wise with per-run coefficients:                                        \

@@ -14,14 +14,10 @@ chunk order, so 1, 2 or 64 threads give the same bits.
 
 import threading
 
+from ._cpu import max_threads as _omp_max_threads
+
 _lock = threading.Lock()
 _override = None
-
-
-def _openmp_default():
-    from . import _cpu
-
-    return max(1, int(_cpu.max_threads()))
 
 
 def get_num_threads():
@@ -29,7 +25,7 @@ def get_num_threads():
     override = _override
     if override is not None:
         return override
-    return _openmp_default()
+    return _omp_max_threads()
 
 
 def set_num_threads(n):
@@ -49,7 +45,10 @@ def set_num_threads(n):
 def resolve(num_threads):
     """The thread count for one call."""
     if num_threads is None:
-        return get_num_threads()
+        override = _override
+        return override if override is not None else _omp_max_threads()
+    if type(num_threads) is int and num_threads > 0:
+        return num_threads
     return _check(num_threads, "num_threads")
 
 
