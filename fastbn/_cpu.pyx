@@ -373,7 +373,7 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef bint reduce = train or (grad and (j.training or j.dweight != NULL or j.dbias != NULL))
     cdef int op = 0 if fwd else (1 if j.training else 2)
     cdef int nt = team(C * nq, C * n, j.n_threads)
-    cdef Py_ssize_t k, nblk, blk, c0, c1, c, t, nn, q, rpt, nr, tid
+    cdef Py_ssize_t k, nblk, blk, c0, c1, c, t, u, nn, q, rpt, nr, tid
     cdef double s1, s2, shift
     cdef param_t* rm = <param_t*>j.running_mean
     cdef param_t* rv = <param_t*>j.running_var
@@ -445,8 +445,9 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     nr = cdiv(N * C, rpt)
     nt = team(nr, C * n, j.n_threads)
     for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
-        # Each thread's share, last first (see nhwc_run).
-        for t in range(((tid + 1) * nr) // nt - 1, (tid * nr) // nt - 1, -1):
+        # Each thread's share; after a reduction last first (see nhwc_run).
+        for u in range((tid * nr) // nt, ((tid + 1) * nr) // nt):
+            t = ((tid + 1) * nr) // nt - 1 - (u - (tid * nr) // nt) if reduce else u
             c1 = (t + 1) * rpt
             if c1 > N * C:
                 c1 = N * C
@@ -468,7 +469,7 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
 cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef Py_ssize_t M = j.N, C = j.C
     cdef Py_ssize_t R = cdiv(NHWC_CHUNK, C)
-    cdef Py_ssize_t nq, ntile, c0, c1, c, q, t, r1, rb, nr, tid
+    cdef Py_ssize_t nq, ntile, c0, c1, c, q, t, u, r1, rb, nr, tid
     cdef Py_ssize_t itemsize = 8 if j.xtype == DT_F64 else (4 if j.xtype == DT_F32 else 2)
     cdef bint fwd = j.op != BWD_NHWC
     cdef bint train = j.op == FWD_TRAIN_NHWC
@@ -531,9 +532,10 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     nr = cdiv(M, rb)
     nt = team(nr, M * C, j.n_threads)
     for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
-        # Each thread's share of row blocks, last first: the reduction just
-        # read them in order, so the most recent ones are still in cache.
-        for t in range(((tid + 1) * nr) // nt - 1, (tid * nr) // nt - 1, -1):
+        # Each thread's share of row blocks; after a reduction last first: it
+        # just read them in order, so the most recent ones are still in cache.
+        for u in range((tid * nr) // nt, ((tid + 1) * nr) // nt):
+            t = ((tid + 1) * nr) // nt - 1 - (u - (tid * nr) // nt) if reduce else u
             r1 = (t + 1) * rb
             if r1 > M:
                 r1 = M
