@@ -26,7 +26,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -79,8 +78,12 @@ class Row:
         self.gbps = self.floor_bytes / self.fastbn_s / 1e9
         self.copy_gbps = 2 * self.elements * self.itemsize / self.copy_s / 1e9
         self.efficiency = self.gbps / self.copy_gbps
-        self.speedup_reference = None if self.reference_s is None else self.reference_s / self.fastbn_s
-        self.speedup_torch = None if self.torch_s is None else self.torch_s / self.fastbn_s
+        self.speedup_reference = _ratio(self.reference_s, self.fastbn_s)
+        self.speedup_torch = _ratio(self.torch_s, self.fastbn_s)
+
+
+def _ratio(other_s, fastbn_s):
+    return None if other_s is None else other_s / fastbn_s
 
 
 @dataclass
@@ -339,10 +342,19 @@ def machine_info():
         "python": platform.python_version(),
         "torch": None if torch is None else torch.__version__,
         "cuda_device": None,
+        "load_average_start": _load(),
     }
     if torch is not None and torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+def _load():
+    """1-minute load average (other work on the cores skews the multi-thread rows)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _cores():
@@ -407,13 +419,15 @@ def run(opts, progress=sys.stderr):
                 floor = (3 if op == "backward" else 2) * E * inp.dtype.itemsize
                 rows.append(Row(op=op, layout=layout, shape=tuple(shape),
                                 dtype=inp.dtype.name, threads=threads, elements=E,
-                                itemsize=inp.dtype.itemsize, floor_bytes=floor, fastbn_s=med["fastbn"], copy_s=med["copy"],
+                                itemsize=inp.dtype.itemsize, floor_bytes=floor,
+                                fastbn_s=med["fastbn"], copy_s=med["copy"],
                                 samples=opts.repeat, reference_s=reference_s,
                                 torch_s=med.get("torch"), torch_cuda_s=cuda_s,
                                 cudnn_s=cudnn_s))
         del inp
     if use_torch:
         _torch().set_num_threads(torch_threads)
+    info["load_average_end"] = _load()
     _progress(progress, "", end=True)
     return rows, bandwidths, info
 
@@ -445,6 +459,10 @@ def _fmt_time(s):
     return f"{s:.2f} s"
 
 
+def _fmt_gbps(g):
+    return f"{g:.1f}" if g >= 10 else f"{g:.2f}"
+
+
 def _fmt_ratio(r):
     return "—" if r is None else (f"{r:.0f}" if r >= 100 else f"{r:.2f}")
 
@@ -459,7 +477,9 @@ def table(rows, bandwidths, info):
         + (f", GPU {info['cuda_device']}" if info["cuda_device"] else ""),
         "copy bandwidth (parallel_copy, " + f"{BIG_COPY_BYTES >> 20} MiB): "
         + ", ".join(f"{t} thread{'s' if t > 1 else ''} {bw:.1f} GB/s"
-                    for t, bw in sorted(bandwidths.items())),
+                    for t, bw in sorted(bandwidths.items()))
+        + f"; load average {info['load_average_start']} at start, "
+          f"{info['load_average_end']} at end",
         "median time per call; GB/s = floor bytes (forward 2·E·s, backward 3·E·s) / time; "
         "eff = GB/s / copy GB/s of x's size; ×ref, ×torch: speed-up",
         "",
@@ -471,7 +491,7 @@ def table(rows, bandwidths, info):
     body = []
     for r in rows:
         cells = [r.op, r.layout, _fmt_shape(r.shape), r.dtype, str(r.threads),
-                 _fmt_time(r.fastbn_s), f"{r.gbps:.1f}", f"{r.efficiency:.2f}",
+                 _fmt_time(r.fastbn_s), _fmt_gbps(r.gbps), f"{r.efficiency:.2f}",
                  _fmt_ratio(r.speedup_reference), _fmt_ratio(r.speedup_torch),
                  _fmt_time(r.torch_s)]
         if cuda:
@@ -548,8 +568,10 @@ def parse_args(argv):
     p.add_argument("--dtypes", type=_choices(("float32", "float16", "float64")),
                    help="default float32")
     p.add_argument("--threads", type=_threads, help="default: 1 and all cores")
-    p.add_argument("--ops", type=_choices(OPS), default=list(OPS))
-    p.add_argument("--layouts", type=_choices(LAYOUTS), default=list(LAYOUTS))
+    p.add_argument("--ops", type=_choices(OPS), default=list(OPS),
+                   help="default " + ",".join(OPS))
+    p.add_argument("--layouts", type=_choices(LAYOUTS), default=list(LAYOUTS),
+                   help="default nchw,nhwc (nhwc: channels-last memory, axis=-1)")
     p.add_argument("--repeat", type=int, help="samples per contender (default 15, quick 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch")

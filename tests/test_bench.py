@@ -1,0 +1,120 @@
+"""The speed table and the asv suite run and report sane numbers (never how fast)."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+from fastbn import bench
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SUITE = ROOT / "asv_benchmarks" / "benchmarks"
+
+ROW_FIELDS = {"op", "layout", "shape", "dtype", "threads", "elements", "itemsize",
+              "floor_bytes", "fastbn_s", "copy_s", "samples", "reference_s", "torch_s",
+              "torch_cuda_s", "cudnn_s", "gbps", "copy_gbps", "efficiency",
+              "speedup_reference", "speedup_torch"}
+
+
+def _positive(v):
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_bench_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    status = bench.main(["--quick", "--no-torch", "--shapes", "4x8x6x6,16x24",
+                         "--dtypes", "float32,float16", "--threads", "1,2", "--repeat", "2",
+                         "--json", str(path)])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "copy bandwidth" in out and "forward-train" in out and "backward" in out
+
+    data = json.loads(path.read_text())
+    assert set(data["copy_bandwidth_gbps"]) == {"1", "2"}
+    assert all(_positive(v) for v in data["copy_bandwidth_gbps"].values())
+    assert data["machine"]["cores"] >= 1 and data["machine"]["fastbn_threads"] >= 1
+    rows = data["rows"]
+    # 4-D: 3 ops x 2 layouts; rank 2 has one memory layout: 3 ops; x 2 dtypes x 2 threads.
+    assert len(rows) == (3 * 2 + 3) * 2 * 2
+    assert {r["op"] for r in rows} == set(bench.OPS)
+    for r in rows:
+        assert set(r) == ROW_FIELDS
+        for key in ("fastbn_s", "copy_s", "gbps", "copy_gbps", "efficiency", "reference_s",
+                    "speedup_reference"):
+            assert _positive(r[key]), (key, r)
+        assert r["torch_s"] is None and r["speedup_torch"] is None
+        factor = 3 if r["op"] == "backward" else 2
+        assert r["floor_bytes"] == factor * r["elements"] * r["itemsize"]
+        assert r["elements"] == math.prod(r["shape"])
+
+
+def test_bench_table_marks_missing_contenders(capsys):
+    assert bench.main(["--quick", "--no-torch", "--no-reference", "--shapes", "4x8x6x6",
+                       "--ops", "forward-infer", "--layouts", "nhwc", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = [line for line in lines if line.startswith("forward-infer")]
+    assert len(row) == 1 and row[0].count("—") == 3        # ×ref, ×torch, torch
+
+
+def test_bench_parses_shapes_of_rank_2_to_5():
+    opts = bench.parse_args(["--shapes", "8x4,2x3x5,2x3x4x5,2x3x4x5x6", "--threads", "2,1,2"])
+    assert opts.shapes == [(8, 4), (2, 3, 5), (2, 3, 4, 5), (2, 3, 4, 5, 6)]
+    assert opts.threads == [1, 2]
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "4"], ["--shapes", "2x3x4x5x6x7"],
+                                  ["--shapes", "4x0x2"], ["--shapes", "4xax2"],
+                                  ["--ops", "sideways"], ["--threads", "0"],
+                                  ["--dtypes", "int8"], ["--repeat", "0"]])
+def test_bench_rejects_bad_options(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+def _suite_module(name):
+    """Import asv_benchmarks/benchmarks/<name>.py as part of its package (relative imports)."""
+    if not (SUITE / "__init__.py").exists():
+        pytest.skip("asv suite not present")
+    pkg = "fastbn_asv_suite"
+    if pkg not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            pkg, SUITE / "__init__.py", submodule_search_locations=[str(SUITE)])
+        sys.modules[pkg] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[pkg])
+    return importlib.import_module(f"{pkg}.{name}")
+
+
+def _benchmark_classes(module):
+    return [c for n, c in vars(module).items()
+            if isinstance(c, type) and not n.startswith("_") and hasattr(c, "params")]
+
+
+@pytest.mark.parametrize("name", ["forward", "inference", "backward", "stats"])
+def test_asv_suite_runs_once_on_cpu(name):
+    """Every benchmark method runs once on the cpu backend with the smallest parameters,
+    and the gpu backend is skipped (NotImplementedError in setup) where there is no GPU."""
+    module = _suite_module(name)
+    classes = _benchmark_classes(module)
+    assert classes
+    for cls in classes:
+        first = [values[0] for values in cls.params]
+        backend_at = cls.param_names.index("backend")
+        assert first[backend_at] == "cpu"
+        methods = [m for m in dir(cls) if m.startswith(("time_", "peakmem_", "track_"))]
+        assert methods
+        for method in methods:
+            bench_obj = cls()
+            bench_obj.setup(*first)
+            result = getattr(bench_obj, method)(*first)
+            if method.startswith("track_"):
+                assert _positive(result)
+                assert getattr(cls, method).unit == "GB/s"
+        gpu = list(first)
+        gpu[backend_at] = "gpu"
+        try:
+            cls().setup(*gpu)
+        except NotImplementedError:
+            pass                        # skipped, as asv would report it
