@@ -38,14 +38,38 @@ typedef float fbn_f8 __attribute__((vector_size(32)));
 typedef float fbn_s16 __attribute__((vector_size(64)));
 
 /* ---- IEEE binary16 <-> binary32 ------------------------------------------
- * GCC >= 12 and Clang give x86 and ARM a native _Float16 that compiles to
- * F16C / FP16 instructions; otherwise a portable bit-exact version is used. */
-#if defined(__FLT16_MAX__) && !defined(FASTBN_NO_FLOAT16)
+ * x86 with F16C: the conversion instructions, explicitly (GCC 12 turns
+ * _Float16 -> double into a library call per element).  Other targets with a
+ * native _Float16 (ARM): the compiler's conversions.  Otherwise a portable
+ * bit-exact version. */
+#if defined(__F16C__) && !defined(FASTBN_NO_FLOAT16)
+#include <immintrin.h>
 #define FBN_HAVE_F16 1
-typedef _Float16 fbn_h16 __attribute__((vector_size(32)));
+static inline float fastbn_h2f(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t fastbn_f2h(float f) {
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline fbn_f8 fbn_h8_to_f8(const uint16_t *p) {
+    __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    fbn_f8 v; memcpy(&v, &f, 32); return v;
+}
+static inline void fbn_f8_to_h8(uint16_t *p, fbn_f8 v) {
+    __m256 f; memcpy(&f, &v, 32);
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#elif defined(__FLT16_MAX__) && !defined(__x86_64__) && !defined(__i386__) \
+      && !defined(FASTBN_NO_FLOAT16)
+#define FBN_HAVE_F16 1
+typedef _Float16 fbn_h8v __attribute__((vector_size(16)));
 static inline float fastbn_h2f(uint16_t h) { _Float16 v; memcpy(&v, &h, 2); return (float)v; }
 static inline uint16_t fastbn_f2h(float f) {
     _Float16 v = (_Float16)f; uint16_t h; memcpy(&h, &v, 2); return h;
+}
+static inline fbn_f8 fbn_h8_to_f8(const uint16_t *p) {
+    fbn_h8v v; memcpy(&v, p, 16); return __builtin_convertvector(v, fbn_f8);
+}
+static inline void fbn_f8_to_h8(uint16_t *p, fbn_f8 v) {
+    fbn_h8v h = __builtin_convertvector(v, fbn_h8v); memcpy(p, &h, 16);
 }
 #else
 #define FBN_HAVE_F16 0
@@ -84,6 +108,12 @@ static inline uint16_t fastbn_f2h(float f) {
     uint32_t r = absx + 0xc8000fffu + ((absx >> 13) & 1u);   /* rebias + RNE */
     return sign | (uint16_t)(r >> 13);
 }
+static inline fbn_f8 fbn_h8_to_f8(const uint16_t *p) {
+    fbn_f8 v; for (int i = 0; i < 8; i++) v[i] = fastbn_h2f(p[i]); return v;
+}
+static inline void fbn_f8_to_h8(uint16_t *p, fbn_f8 v) {
+    for (int i = 0; i < 8; i++) p[i] = fastbn_f2h(v[i]);
+}
 #endif
 
 /* ---- per-type vector loads and stores ------------------------------------ */
@@ -91,21 +121,14 @@ static inline fbn_d8 fbn_ld_f64(const double *p) { fbn_d8 v; memcpy(&v, p, 64); 
 static inline void fbn_st_f64(double *p, fbn_d8 v) { memcpy(p, &v, 64); }
 static inline fbn_s16 fbn_ld_f32(const float *p) { fbn_s16 v; memcpy(&v, p, 64); return v; }
 static inline void fbn_st_f32(float *p, fbn_s16 v) { memcpy(p, &v, 64); }
-#if FBN_HAVE_F16
 static inline fbn_s16 fbn_ld_f16(const uint16_t *p) {
-    fbn_h16 v; memcpy(&v, p, 32); return __builtin_convertvector(v, fbn_s16);
+    fbn_f8 a = fbn_h8_to_f8(p), b = fbn_h8_to_f8(p + 8);
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 static inline void fbn_st_f16(uint16_t *p, fbn_s16 v) {
-    fbn_h16 h = __builtin_convertvector(v, fbn_h16); memcpy(p, &h, 32);
+    fbn_f8_to_h8(p, __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+    fbn_f8_to_h8(p + 8, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
 }
-#else
-static inline fbn_s16 fbn_ld_f16(const uint16_t *p) {
-    fbn_s16 v; for (int i = 0; i < 16; i++) v[i] = fastbn_h2f(p[i]); return v;
-}
-static inline void fbn_st_f16(uint16_t *p, fbn_s16 v) {
-    for (int i = 0; i < 16; i++) p[i] = fastbn_f2h(v[i]);
-}
-#endif
 
 #define FBN_NOCVT(v) (v)
 
@@ -114,24 +137,12 @@ static inline fbn_d8 fbn_ld8_f64(const double *p) { return fbn_ld_f64(p); }
 static inline fbn_d8 fbn_ld8_f32(const float *p) {
     fbn_f8 v; memcpy(&v, p, 32); return __builtin_convertvector(v, fbn_d8);
 }
-#if FBN_HAVE_F16
-typedef _Float16 fbn_h8 __attribute__((vector_size(16)));
 static inline fbn_d8 fbn_ld8_f16(const uint16_t *p) {
-    fbn_h8 v; memcpy(&v, p, 16);
-    return __builtin_convertvector(__builtin_convertvector(v, fbn_f8), fbn_d8);
+    return __builtin_convertvector(fbn_h8_to_f8(p), fbn_d8);
 }
 static inline void fbn_st8_f16(uint16_t *p, fbn_d8 v) {
-    fbn_h8 h = __builtin_convertvector(__builtin_convertvector(v, fbn_f8), fbn_h8);
-    memcpy(p, &h, 16);
+    fbn_f8_to_h8(p, __builtin_convertvector(v, fbn_f8));
 }
-#else
-static inline fbn_d8 fbn_ld8_f16(const uint16_t *p) {
-    fbn_d8 v; for (int i = 0; i < 8; i++) v[i] = (double)fastbn_h2f(p[i]); return v;
-}
-static inline void fbn_st8_f16(uint16_t *p, fbn_d8 v) {
-    for (int i = 0; i < 8; i++) p[i] = fastbn_f2h((float)v[i]);
-}
-#endif
 static inline void fbn_st8_f64(double *p, fbn_d8 v) { fbn_st_f64(p, v); }
 static inline void fbn_st8_f32(float *p, fbn_d8 v) {
     fbn_f8 f = __builtin_convertvector(v, fbn_f8); memcpy(p, &f, 32);
