@@ -190,38 +190,102 @@ static inline void fbn_merge16(const double *part, ptrdiff_t nq, double *s1, dou
     *s2 = fbn_hsum(b);
 }
 
+/* ---- tails: n < W (or n < 8) elements ------------------------------------
+ * Loads fill the lanes past n with `fill`; stores write n elements.  With
+ * AVX-512 these are single masked instructions; otherwise lanes are inserted
+ * in registers (a buffer written element by element and read back as one
+ * vector would stall store forwarding on every tail). */
+#define FBN_TAILS_GENERIC(T, S, M, V, W, SPLAT, CVT)                               \
+static inline V fbn_ldn_gen_##S(const T *p, ptrdiff_t n, T fill) {                \
+    V v = SPLAT((M)CVT(fill));                                                    \
+    for (ptrdiff_t i = 0; i < n; i++) v[i] = (M)CVT(p[i]);                        \
+    return v;                                                                     \
+}                                                                                 \
+static inline void fbn_stn_gen_##S(T *p, ptrdiff_t n, V v) {                      \
+    T buf[W];                                                                     \
+    fbn_st_##S(buf, v);                                                           \
+    for (ptrdiff_t i = 0; i < n; i++) p[i] = buf[i];                              \
+}                                                                                 \
+static inline fbn_d8 fbn_ldn8_gen_##S(const T *p, ptrdiff_t n, T fill) {          \
+    fbn_d8 v = fbn_splat_d((double)CVT(fill));                                    \
+    for (ptrdiff_t i = 0; i < n; i++) v[i] = (double)CVT(p[i]);                   \
+    return v;                                                                     \
+}                                                                                 \
+static inline void fbn_stn8_gen_##S(T *p, ptrdiff_t n, fbn_d8 v) {                \
+    T buf[8];                                                                     \
+    fbn_st8_##S(buf, v);                                                          \
+    for (ptrdiff_t i = 0; i < n; i++) p[i] = buf[i];                              \
+}
+
+FBN_TAILS_GENERIC(float, f32, float, fbn_s16, 16, fbn_splat_s, FBN_NOCVT)
+FBN_TAILS_GENERIC(uint16_t, f16, float, fbn_s16, 16, fbn_splat_s, fastbn_h2f)
+FBN_TAILS_GENERIC(double, f64, double, fbn_d8, 8, fbn_splat_d, FBN_NOCVT)
+
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) \
+    && FBN_HAVE_F16 && defined(__F16C__)
+#define FBN_MASKED 1
+static inline fbn_s16 fbn_ldn_f32(const float *p, ptrdiff_t n, float fill) {
+    __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(fill), (__mmask16)((1u << n) - 1), p);
+    return (fbn_s16)v;
+}
+static inline void fbn_stn_f32(float *p, ptrdiff_t n, fbn_s16 v) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+}
+static inline fbn_d8 fbn_ldn8_f32(const float *p, ptrdiff_t n, float fill) {
+    __m256 v = _mm256_mask_loadu_ps(_mm256_set1_ps(fill), (__mmask8)((1u << n) - 1), p);
+    return __builtin_convertvector((fbn_f8)v, fbn_d8);
+}
+static inline void fbn_stn8_f32(float *p, ptrdiff_t n, fbn_d8 v) {
+    _mm256_mask_storeu_ps(p, (__mmask8)((1u << n) - 1), (__m256)__builtin_convertvector(v, fbn_f8));
+}
+static inline fbn_d8 fbn_ldn_f64(const double *p, ptrdiff_t n, double fill) {
+    return (fbn_d8)_mm512_mask_loadu_pd(_mm512_set1_pd(fill), (__mmask8)((1u << n) - 1), p);
+}
+static inline void fbn_stn_f64(double *p, ptrdiff_t n, fbn_d8 v) {
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
+}
+#define fbn_ldn8_f64 fbn_ldn_f64
+#define fbn_stn8_f64 fbn_stn_f64
+static inline fbn_s16 fbn_ldn_f16(const uint16_t *p, ptrdiff_t n, uint16_t fill) {
+    __m256i h = _mm256_mask_loadu_epi16(_mm256_set1_epi16((short)fill),
+                                        (__mmask16)((1u << n) - 1), p);
+    return (fbn_s16)_mm512_cvtph_ps(h);
+}
+static inline void fbn_stn_f16(uint16_t *p, ptrdiff_t n, fbn_s16 v) {
+    __m256i h = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), h);
+}
+static inline fbn_d8 fbn_ldn8_f16(const uint16_t *p, ptrdiff_t n, uint16_t fill) {
+    __m128i h = _mm_mask_loadu_epi16(_mm_set1_epi16((short)fill), (__mmask8)((1u << n) - 1), p);
+    return __builtin_convertvector((fbn_f8)_mm256_cvtph_ps(h), fbn_d8);
+}
+static inline void fbn_stn8_f16(uint16_t *p, ptrdiff_t n, fbn_d8 v) {
+    __m128i h = _mm256_cvtps_ph((__m256)__builtin_convertvector(v, fbn_f8),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_mask_storeu_epi16(p, (__mmask8)((1u << n) - 1), h);
+}
+#else
+#define FBN_MASKED 0
+#define fbn_ldn_f32 fbn_ldn_gen_f32
+#define fbn_stn_f32 fbn_stn_gen_f32
+#define fbn_ldn8_f32 fbn_ldn8_gen_f32
+#define fbn_stn8_f32 fbn_stn8_gen_f32
+#define fbn_ldn_f64 fbn_ldn_gen_f64
+#define fbn_stn_f64 fbn_stn_gen_f64
+#define fbn_ldn8_f64 fbn_ldn8_gen_f64
+#define fbn_stn8_f64 fbn_stn8_gen_f64
+#define fbn_ldn_f16 fbn_ldn_gen_f16
+#define fbn_stn_f16 fbn_stn_gen_f16
+#define fbn_ldn8_f16 fbn_ldn8_gen_f16
+#define fbn_stn8_f16 fbn_stn8_gen_f16
+#endif
+
 /* ---- the per-type family ---------------------------------------------------
  * T storage type, S suffix, M math scalar, V math vector, W lanes, VS vector
  * suffix (d8 / s16), CVT scalar storage -> math conversion. */
 #define FBN_FAMILY(T, S, M, V, W, VS, SPLAT, CVT)                                  \
                                                                                   \
-/* n < W elements; lanes past n hold `fill`.  Inserted in registers: scalar      \
- * stores read back as one vector would stall store forwarding. */               \
-static inline V fbn_ldn_##S(const T *p, ptrdiff_t n, T fill) {                    \
-    V v = SPLAT((M)CVT(fill));                                                    \
-    for (ptrdiff_t i = 0; i < n; i++) v[i] = (M)CVT(p[i]);                        \
-    return v;                                                                     \
-}                                                                                 \
-static inline void fbn_stn_##S(T *p, ptrdiff_t n, V v) {                          \
-    T buf[W];                                                                     \
-    fbn_st_##S(buf, v);                                                           \
-    memcpy(p, buf, (size_t)n * sizeof(T));                                        \
-}                                                                                 \
-                                                                                  \
 /* ---- contiguous runs (channels-first: one run = one (n, c) row of S) ---- */   \
-                                                                                  \
-/* n < 8 elements as float64 lanes; lanes past n hold `fill`. */                  \
-static inline fbn_d8 fbn_ldn8_##S(const T *p, ptrdiff_t n, T fill) {              \
-    fbn_d8 v = fbn_splat_d((double)CVT(fill));                                    \
-    for (ptrdiff_t i = 0; i < n; i++) v[i] = (double)CVT(p[i]);                   \
-    return v;                                                                     \
-}                                                                                 \
-                                                                                  \
-static inline void fbn_stn8_##S(T *p, ptrdiff_t n, fbn_d8 v) {                   \
-    T buf[8];                                                                     \
-    fbn_st8_##S(buf, v);                                                          \
-    memcpy(p, buf, (size_t)n * sizeof(T));                                        \
-}                                                                                 \
                                                                                   \
 /* Training dx = a g + b (x - mean) + k in float64 lanes. */                      \
 static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,         \
