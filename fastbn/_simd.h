@@ -412,13 +412,16 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
     ptrdiff_t c = c0;                                                             \
     if (cf - c0 >= FBN_ROW_TILE) {                                                \
         for (c = c0; c < cf; c++) { ps[c] = 0.0; pq[c] = 0.0; }                   \
-        for (ptrdiff_t r = r0; r < r1; r++) {                                     \
-            const T *xr = x + r * C, *gr = g + r * C;                             \
+        for (ptrdiff_t rb = r0; rb < r1; rb += 4) {   /* 4 rows per load/store */ \
+            ptrdiff_t re = rb + 4 < r1 ? rb + 4 : r1;                             \
             for (c = c0; c < cf; c += 8) {                                        \
                 fbn_d8 a = fbn_ld_f64(ps + c), b = fbn_ld_f64(pq + c);            \
-                fbn_d8 d = fbn_ld8_##S(xr + c) - fbn_ld_f64(shift + c);           \
-                if (g == NULL) { a += d; b += d * d; }                            \
-                else { fbn_d8 gv = fbn_ld8_##S(gr + c); a += gv; b += gv * d; }   \
+                const fbn_d8 sh = fbn_ld_f64(shift + c);                          \
+                for (ptrdiff_t r = rb; r < re; r++) {                             \
+                    fbn_d8 d = fbn_ld8_##S(x + r * C + c) - sh;                   \
+                    if (g == NULL) { a += d; b += d * d; }                        \
+                    else { fbn_d8 gv = fbn_ld8_##S(g + r * C + c); a += gv; b += gv * d; } \
+                }                                                                 \
                 fbn_st_f64(ps + c, a); fbn_st_f64(pq + c, b);                     \
             }                                                                     \
         }                                                                         \
