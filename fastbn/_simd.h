@@ -167,6 +167,12 @@ static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
 #define FBN_ROW_TILE 64
 #endif
 
+/* Channels-last rows at most this many bytes long are processed four at a
+ * time (they form one contiguous span); longer rows one at a time. */
+#ifndef FBN_SHORT_ROW
+#define FBN_SHORT_ROW 512
+#endif
+
 /* Lanes summed in a fixed tree. */
 static inline double fbn_hsum(fbn_d8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -411,9 +417,11 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
     ptrdiff_t cf = c0 + ((c1 - c0) / 8) * 8;     /* full groups: [c0, cf) */      \
     ptrdiff_t c = c0;                                                             \
     if (cf - c0 >= FBN_ROW_TILE) {                                                \
+        /* Short rows: 4 rows per accumulator load/store (as in fbn_tew). */     \
+        const ptrdiff_t rstep = C * (ptrdiff_t)sizeof(T) <= FBN_SHORT_ROW ? 4 : 1; \
         for (c = c0; c < cf; c++) { ps[c] = 0.0; pq[c] = 0.0; }                   \
-        for (ptrdiff_t rb = r0; rb < r1; rb += 4) {   /* 4 rows per load/store */ \
-            ptrdiff_t re = rb + 4 < r1 ? rb + 4 : r1;                             \
+        for (ptrdiff_t rb = r0; rb < r1; rb += rstep) {                           \
+            ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                     \
             for (c = c0; c < cf; c += 8) {                                        \
                 fbn_d8 a = fbn_ld_f64(ps + c), b = fbn_ld_f64(pq + c);            \
                 const fbn_d8 sh = fbn_ld_f64(shift + c);                          \
@@ -451,28 +459,40 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
                                ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,          \
                                ptrdiff_t c1, const M *cols, const double *cf) {   \
     const M *hi = cols, *lo = cols + C, *a = cols + 2 * C, *b = cols + 3 * C;     \
-    for (ptrdiff_t r = r0; r < r1; r++) {                                         \
-        const T *xr = x + r * C, *gr = g + r * C;                                 \
-        T *yr = y + r * C;                                                        \
+    /* Short rows: 4 rows (one contiguous span) share each coefficient load.    \
+     * Long rows: one row at a time, so memory is read as a single stream.  */  \
+    const ptrdiff_t rstep = C * (ptrdiff_t)sizeof(T) <= FBN_SHORT_ROW ? 4 : 1;    \
+    for (ptrdiff_t rb = r0; rb < r1; rb += rstep) {                               \
+        ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                         \
         if (op == 1) {                                                            \
             for (ptrdiff_t c = c0; c < c1; c += 8) {                              \
-                fbn_d8 v = fbn_col8(cf + C, c, C) * fbn_tld8_##S(gr + c, c, C)    \
-                    + fbn_col8(cf + 2 * C, c, C) * (fbn_tld8_##S(xr + c, c, C)    \
-                                                   - fbn_col8(cf, c, C))          \
-                    + fbn_col8(cf + 3 * C, c, C);                                 \
-                if (c + 8 <= C) fbn_st8_##S(yr + c, v); else fbn_stn8_##S(yr + c, C - c, v); \
+                const fbn_d8 mv = fbn_col8(cf, c, C), av = fbn_col8(cf + C, c, C), \
+                    bv = fbn_col8(cf + 2 * C, c, C), kv = fbn_col8(cf + 3 * C, c, C); \
+                for (ptrdiff_t r = rb; r < re; r++) {                             \
+                    ptrdiff_t o = r * C + c;                                      \
+                    fbn_d8 v = av * fbn_tld8_##S(g + o, c, C)                     \
+                               + bv * (fbn_tld8_##S(x + o, c, C) - mv) + kv;      \
+                    if (c + 8 <= C) fbn_st8_##S(y + o, v); else fbn_stn8_##S(y + o, C - c, v); \
+                }                                                                 \
             }                                                                     \
         } else if (op == 0) {                                                     \
             for (ptrdiff_t c = c0; c < c1; c += W) {                              \
-                V v = ((fbn_tld_##S(xr + c, c, C) - fbn_col_##S(hi, c, C))        \
-                       - fbn_col_##S(lo, c, C)) * fbn_col_##S(a, c, C)            \
-                      + fbn_col_##S(b, c, C);                                     \
-                if (c + W <= C) fbn_st_##S(yr + c, v); else fbn_stn_##S(yr + c, C - c, v); \
+                const V hv = fbn_col_##S(hi, c, C), lv = fbn_col_##S(lo, c, C),   \
+                        av = fbn_col_##S(a, c, C), bv = fbn_col_##S(b, c, C);     \
+                for (ptrdiff_t r = rb; r < re; r++) {                             \
+                    ptrdiff_t o = r * C + c;                                      \
+                    V v = ((fbn_tld_##S(x + o, c, C) - hv) - lv) * av + bv;       \
+                    if (c + W <= C) fbn_st_##S(y + o, v); else fbn_stn_##S(y + o, C - c, v); \
+                }                                                                 \
             }                                                                     \
         } else {                                                                  \
             for (ptrdiff_t c = c0; c < c1; c += W) {                              \
-                V v = fbn_col_##S(a, c, C) * fbn_tld_##S(gr + c, c, C);           \
-                if (c + W <= C) fbn_st_##S(yr + c, v); else fbn_stn_##S(yr + c, C - c, v); \
+                const V av = fbn_col_##S(a, c, C);                                \
+                for (ptrdiff_t r = rb; r < re; r++) {                             \
+                    ptrdiff_t o = r * C + c;                                      \
+                    V v = av * fbn_tld_##S(g + o, c, C);                          \
+                    if (c + W <= C) fbn_st_##S(y + o, v); else fbn_stn_##S(y + o, C - c, v); \
+                }                                                                 \
             }                                                                     \
         }                                                                         \
     }                                                                             \
