@@ -469,7 +469,7 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
 cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef Py_ssize_t M = j.N, C = j.C
     cdef Py_ssize_t R = cdiv(NHWC_CHUNK, C)
-    cdef Py_ssize_t nq, ntile, c0, c1, c, q, t, u, r1, rb, nr, tid
+    cdef Py_ssize_t nq, ntile, ctask, c0, c1, c, q, t, u, r1, rb, nr, tid
     cdef Py_ssize_t itemsize = 8 if j.xtype == DT_F64 else (4 if j.xtype == DT_F32 else 2)
     cdef bint fwd = j.op != BWD_NHWC
     cdef bint train = j.op == FWD_TRAIN_NHWC
@@ -501,12 +501,15 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
             shift[c] = j.mean[c] if grad else ld(x, c)
 
     if reduce:
-        ntile = cdiv(C, CTASK)
+        # Whole rows per task when there are enough row chunks to share out
+        # (a row is then read as one stream); otherwise tiles of channels too.
+        ctask = C if nq >= 4 * j.n_threads else CTASK
+        ntile = cdiv(C, ctask)
         nt = team(nq * ntile, M * C, j.n_threads)
         for t in prange(nq * ntile, schedule='static', num_threads=nt):
             q = t // ntile
-            c0 = (t - q * ntile) * CTASK
-            c1 = c0 + CTASK
+            c0 = (t - q * ntile) * ctask
+            c1 = c0 + ctask
             if c1 > C:
                 c1 = C
             r1 = (q + 1) * R

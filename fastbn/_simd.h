@@ -167,11 +167,20 @@ static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
 #define FBN_ROW_TILE 64
 #endif
 
-/* Channels-last rows at most this many bytes long are processed four at a
- * time (they form one contiguous span); longer rows one at a time. */
+/* Channels-last rows per step of the row loops.  Four rows share each load of
+ * the per-channel sums or coefficients when they form one contiguous span
+ * (short rows) or lie in pages of their own (long rows), which the
+ * prefetchers follow as separate streams; rows in between, four of which
+ * interleave inside one page, go one at a time. */
 #ifndef FBN_SHORT_ROW
 #define FBN_SHORT_ROW 512
 #endif
+#ifndef FBN_LONG_ROW
+#define FBN_LONG_ROW 4096
+#endif
+static inline ptrdiff_t fbn_rstep(ptrdiff_t row_bytes) {
+    return row_bytes <= FBN_SHORT_ROW || row_bytes >= FBN_LONG_ROW ? 4 : 1;
+}
 
 /* Lanes summed in a fixed tree. */
 static inline double fbn_hsum(fbn_d8 v) {
@@ -417,8 +426,8 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
     ptrdiff_t cf = c0 + ((c1 - c0) / 8) * 8;     /* full groups: [c0, cf) */      \
     ptrdiff_t c = c0;                                                             \
     if (cf - c0 >= FBN_ROW_TILE) {                                                \
-        /* Short rows: 4 rows per accumulator load/store (as in fbn_tew). */     \
-        const ptrdiff_t rstep = C * (ptrdiff_t)sizeof(T) <= FBN_SHORT_ROW ? 4 : 1; \
+        /* Rows per accumulator load / store: see fbn_rstep. */                 \
+        const ptrdiff_t rstep = fbn_rstep(C * (ptrdiff_t)sizeof(T)); \
         for (c = c0; c < cf; c++) { ps[c] = 0.0; pq[c] = 0.0; }                   \
         for (ptrdiff_t rb = r0; rb < r1; rb += rstep) {                           \
             ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                     \
@@ -459,9 +468,8 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
                                ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,          \
                                ptrdiff_t c1, const M *cols, const double *cf) {   \
     const M *hi = cols, *lo = cols + C, *a = cols + 2 * C, *b = cols + 3 * C;     \
-    /* Short rows: 4 rows (one contiguous span) share each coefficient load.    \
-     * Long rows: one row at a time, so memory is read as a single stream.  */  \
-    const ptrdiff_t rstep = C * (ptrdiff_t)sizeof(T) <= FBN_SHORT_ROW ? 4 : 1;    \
+    /* Rows per coefficient load: see fbn_rstep. */                             \
+    const ptrdiff_t rstep = fbn_rstep(C * (ptrdiff_t)sizeof(T));    \
     for (ptrdiff_t rb = r0; rb < r1; rb += rstep) {                               \
         ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                         \
         if (op == 1) {                                                            \
