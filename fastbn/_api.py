@@ -3,6 +3,16 @@
 Everything a call can reject is rejected here, before any kernel runs, so a
 failed call leaves running statistics and out= buffers untouched.  Each kernel
 call then does a whole pass (statistics, running update, normalisation).
+
+Mixing libraries: weight, bias, out= and dy must come from x's library.
+RunningStats buffers must be on x's device; stats with the backend's own
+buffers (numpy, the default, or cupy) serve any array on that device, while
+stats created with ``like=<torch tensor>`` serve torch tensors only.
+
+Threads: the kernels release the GIL, and nothing here keeps state between
+calls, so concurrent calls on distinct arrays are safe and give the same bits
+as sequential ones.  Training forwards that update the same RunningStats are
+serialised by that RunningStats' lock (the update is a read-modify-write).
 """
 
 import math
@@ -130,6 +140,17 @@ def _same_memory(a, b):
     return ptr(a) == ptr(b) and a.shape == b.shape and a.strides == b.strides
 
 
+def _dtype_error(argname, dtype):
+    """The TypeError for data of an unsupported dtype."""
+    if dtype.kind == "f" and dtype.newbyteorder("=") in PARAM_DTYPE:
+        why = "in native byte order; convert with .astype(np.dtype(...).newbyteorder('='))"
+    elif dtype.kind in "biuc":
+        why = "integer, complex and bool data are not normalised; convert with .astype()"
+    else:
+        why = "convert with .astype()"
+    return TypeError(f"{argname}: expected dtype {SUPPORTED} ({why}), got {dtype}")
+
+
 def _check_x(x, axis, argname="x"):
     ad = _dispatch.adapter(x, argname)
     xn = ad.native(x, argname)
@@ -139,12 +160,20 @@ def _check_x(x, axis, argname="x"):
                          f"got shape {tuple(xn.shape)}")
     dtype = xn.dtype
     if dtype not in PARAM_DTYPE:
-        raise TypeError(f"{argname}: expected dtype {SUPPORTED}, got {dtype}")
+        raise _dtype_error(argname, dtype)
     if axis == 1 or axis == -1 or axis == ndim - 1:
         axis = 1 if axis == 1 else -1
     else:
         raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last), got {axis!r}")
     return ad, xn, axis
+
+
+def _check_flag(value, name):
+    """True or False (numpy bools too); anything else is a TypeError: a string
+    such as "False" must not silently mean True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
 
 
 def _check_eps(eps):
@@ -169,7 +198,7 @@ def _check_param(p, name, ad, C, xdtype, pdtype):
         raise TypeError(f"{name}: expected a {ad.name} array like x, got a {pad.name} array")
     pn = pad.native(p, name)
     given = pn.dtype
-    if pn.shape != (C,):
+    if tuple(pn.shape) != (C,):
         raise ValueError(f"{name}: expected shape ({C},) to match the {C} channels of x, "
                          f"got {tuple(pn.shape)}")
     if pn.dtype != pdtype:
@@ -182,16 +211,27 @@ def _check_param(p, name, ad, C, xdtype, pdtype):
     return pn, given
 
 
-def _check_stats(stats, device, C, pdtype, xdtype):
+# Libraries whose arrays are a backend's own buffers: stats kept in them serve
+# any array on their device.
+_NATIVE_LIBS = ("numpy", "cupy")
+
+
+def _check_stats(stats, ad, device, C, pdtype, xdtype):
     if not isinstance(stats, RunningStats):
         raise TypeError(f"stats: expected fastbn.RunningStats or None, got {type(stats).__name__}")
     if stats.num_features != C:
-        raise ValueError(f"stats: has {stats.num_features} features, x has {C} channels")
+        raise ValueError(f"stats: expected {C} features to match the {C} channels of x, "
+                         f"got RunningStats({stats.num_features})")
     if stats.dtype != pdtype:
-        raise TypeError(f"stats: dtype {stats.dtype} does not serve x of dtype {xdtype}; "
-                        f"expected RunningStats(..., dtype={pdtype.name})")
+        raise TypeError(f"stats: expected RunningStats(..., dtype={pdtype.name}) to serve x of "
+                        f"dtype {xdtype}, got dtype {stats.dtype}")
     if stats.device != device:
-        raise TypeError(f"stats: buffers are on {stats.device}, x is on {device}")
+        raise TypeError(f"stats: expected buffers on x's device ({device}), "
+                        f"got buffers on {stats.device}")
+    sad = stats._adapter
+    if sad is not ad and sad.name not in _NATIVE_LIBS:
+        raise TypeError(f"stats: expected buffers of x's library ({ad.name}) or the default "
+                        f"numpy buffers, got {sad.name} buffers (RunningStats(like=...))")
 
 
 def _check_out(out, ad, shape, dtype, layout, perm, identity, C, S, argname="out"):
@@ -221,23 +261,51 @@ def _check_out(out, ad, shape, dtype, layout, perm, identity, C, S, argname="out
     return view
 
 
+def _check_finite(xp, a, argname):
+    """ValueError unless every element of ``a`` is finite (check_finite=True).
+
+    One read of ``a`` and no temporary in the common case: a sum is finite
+    only if every term is (NaN and Inf never cancel out), so a finite sum
+    settles it; only a non-finite sum (NaN/Inf, or finite float64 values
+    overflowing the sum) takes the exact, allocating look.  numpy sums float16
+    slowly, so there the exponent bits are tested instead: uint16 << 1 drops
+    the sign, and all-ones exponents (Inf, NaN) are then the values >= 0xF800
+    (one temporary of x's size, about 14 GB/s here)."""
+    if a.size == 0:
+        return
+    if a.dtype == _F16:
+        if int((a.view(np.uint16) << 1).max()) < 0xF800:
+            return
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            if math.isfinite(float(a.sum())):
+                return
+    bad = a.size - int(xp.isfinite(a).sum())
+    if bad:
+        raise ValueError(f"{argname}: expected finite values (check_finite=True), got {bad} "
+                         f"NaN or Inf element(s) of {a.size}")
+
+
 # ----------------------------------------------------------------------------
 # forward / backward
 
 def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, axis=1,
-            out=None, num_threads=None):
+            out=None, num_threads=None, check_finite=False):
     """Batch normalization forward.
 
     Parameters
     ----------
     x : array of rank 2 to 5, float16 / float32 / float64
         numpy, torch (CPU) or JAX (CPU) array; the result is the same kind.
+        N = 0 or a zero-size spatial dimension gives an empty y, as PyTorch.
     weight, bias : (C,) arrays or None
-        Affine parameters (None: weight 1, bias 0).  Same dtype as x, or
-        float32 for float16 x.
+        Affine parameters (None: weight 1, bias 0).  Same library as x, same
+        dtype as x, or float32 for float16 x.
     stats : RunningStats or None
         Running statistics.  training=True updates them (if given);
-        training=False normalises with them (required).
+        training=False normalises with them (required).  Buffers on x's
+        device; numpy-backed stats (the default) serve any CPU array, stats
+        made with ``like=<tensor>`` only arrays of that library.
     training : bool
         Batch statistics (True) or running statistics (False).
     eps : float > 0
@@ -247,15 +315,30 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
         are channels-last (e.g. a torch channels_last tensor) is read in place
         by the channels-last kernel.
     out : array like x, optional
-        Where to write y; must have x's shape, dtype and memory layout.
+        Where to write y; must have x's shape, dtype and memory layout, be
+        writable, and not overlap x, except that out=x itself is allowed with
+        training=False (in-place inference).
     num_threads : int, optional
         CPU threads for this call (see :func:`fastbn.set_num_threads`).
+    check_finite : bool
+        Refuse (ValueError) NaN or Inf in x, weight, bias and, with
+        training=False, the running statistics, before anything is written.
+        Costs one extra read of x (about a third of a forward's memory
+        traffic); off by default, when NaN/Inf propagate per channel (a NaN
+        in channel c makes y, the statistics and the running statistics of
+        channel c NaN, and no other channel).
 
     Returns
     -------
     y : array like x (same shape, dtype and memory layout)
     ctx : Context for :func:`backward`; ``ctx.mean`` and ``ctx.invstd`` are
-        the float64 statistics used.
+        the float64 statistics used (NaN for an empty training batch).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For any invalid argument, naming it; nothing (y, out=, stats) has
+        been written when they are raised.
     """
     ad, xn, axis = _check_x(x, axis)
     shape = xn.shape
@@ -270,12 +353,16 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
     device = ad.device(xn)
     w, wdtype = _check_param(weight, "weight", ad, C, dtype, pdtype)
     b, bdtype = _check_param(bias, "bias", ad, C, dtype, pdtype)
+    if ad is not _NUMPY:
+        _check_param_device(w, "weight", ad, device)
+        _check_param_device(b, "bias", ad, device)
     eps = _check_eps(eps)
-    training = bool(training)
+    if training is not True and training is not False:
+        training = _check_flag(training, "training")
     if stats is not None:
-        _check_stats(stats, device, C, pdtype, dtype)
+        _check_stats(stats, ad, device, C, pdtype, dtype)
     if training:
-        if E // C <= 1:
+        if E // C <= 1 and E:
             raise ValueError("x: expected more than 1 value per channel when training, "
                              f"got shape {tuple(shape)}")
     elif stats is None:
@@ -291,22 +378,54 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
         y, yv = _allocate(xp, shape, dtype, layout, perm, identity, C, S)
     else:
         yv = _check_out(out, ad, shape, dtype, layout, perm, identity, C, S)
-        in_place = xp.may_share_memory(yv, xv)
-        if in_place and training:
-            raise ValueError("out: may not overlap x when training (backward needs x); "
-                             "in-place forward is supported with training=False")
+        if xp.may_share_memory(yv, xv):
+            if training:
+                raise ValueError("out: expected an array that does not overlap x when "
+                                 "training (backward needs x), got one that does; in-place "
+                                 "forward (out=x) is supported with training=False")
+            if not _same_memory(yv, xv):
+                raise ValueError("out: expected x itself (in-place inference) or an array "
+                                 "that does not overlap x, got one that partly overlaps x")
+            in_place = True
+    if check_finite:
+        _check_finite(xp, xv, "x")
+        if w is not None:
+            _check_finite(xp, w, "weight")
+        if b is not None:
+            _check_finite(xp, b, "bias")
+        if not training:
+            _check_finite(xp, stats._mean, "stats.mean")
+            _check_finite(xp, stats._var, "stats.var")
     mean = xp.empty(C, _F64)
     invstd = xp.empty(C, _F64)
-    if training:
-        if stats is not None:
-            factor = stats._next_factor()
-            rm, rv = stats._mean, stats._var
+    if E == 0:
+        # As PyTorch's BatchNorm layers: an empty batch gives an empty y and
+        # leaves the running mean and variance alone, but is counted.
+        if training:
+            mean.fill(math.nan)
+            invstd.fill(math.nan)
+            if stats is not None:
+                with stats._lock:
+                    stats._count += 1
         else:
-            factor, rm, rv = 0.0, None, None
-        getattr(kernels, "forward_train_" + layout)(xv, yv, w, b, mean, invstd, rm, rv,
-                                                     factor, eps, nt)
+            mean[...] = stats._mean
+            invstd[...] = 1.0 / xp.sqrt(stats._var.astype(_F64) + eps)
+    elif training:
         if stats is not None:
-            stats.num_batches_tracked += 1
+            # The running update is a read-modify-write of shared buffers
+            # (acquire/release: half the cost of a with-block).
+            lock = stats._lock
+            lock.acquire()
+            try:
+                getattr(kernels, "forward_train_" + layout)(
+                    xv, yv, w, b, mean, invstd, stats._mean, stats._var,
+                    stats._next_factor(), eps, nt)
+                stats._count += 1
+            finally:
+                lock.release()
+        else:
+            getattr(kernels, "forward_train_" + layout)(xv, yv, w, b, mean, invstd, None,
+                                                         None, 0.0, eps, nt)
     else:
         getattr(kernels, "forward_infer_" + layout)(xv, yv, w, b, mean, invstd, stats._mean,
                                                      stats._var, eps, nt)
@@ -333,26 +452,41 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
     return ad.wrap(y), ctx
 
 
-def backward(dy, ctx, *, out=None, num_threads=None):
+def _check_param_device(p, name, ad, device):
+    if p is not None and ad.device(p) != device:
+        raise TypeError(f"{name}: expected an array on x's device ({device}), "
+                        f"got one on {ad.device(p)}")
+
+
+_MEMORY = {NCHW: "channels-first", NHWC: "channels-last"}
+
+
+def backward(dy, ctx, *, out=None, num_threads=None, check_finite=False):
     """Batch normalization backward.
 
     Parameters
     ----------
-    dy : array like the forward's x (same kind, shape and dtype)
-        Gradient of the loss with respect to y.
+    dy : array like the forward's x (same kind, device, shape and dtype)
+        Gradient of the loss with respect to y.  In x's memory layout, or
+        non-contiguous (then copied once); dy contiguous in the other
+        layout (channels-last vs channels-first) is a ValueError.
     ctx : Context from :func:`forward`
         A training forward gives the gradient through the batch statistics;
-        an inference forward treats the statistics as constants.
+        an inference forward treats the statistics as constants.  x must not
+        have been modified since the forward (ctx reads it).
     out : array like x, optional
         Where to write dx (x's shape, dtype and memory layout).  May be dy
-        itself (in-place); may not overlap x.
+        itself (in-place); may not overlap x or partly overlap dy.
     num_threads : int, optional
+    check_finite : bool
+        Refuse (ValueError) NaN or Inf in dy or in the forward's x before
+        anything is written (one extra read of each).
 
     Returns
     -------
     dx : array like dy
     dweight, dbias : (C,) arrays, or None where the forward had no weight /
-        no bias.
+        no bias (zeros for an empty batch).
     """
     if not isinstance(ctx, Context):
         raise TypeError(f"ctx: expected the Context returned by fastbn.forward, "
@@ -365,20 +499,27 @@ def backward(dy, ctx, *, out=None, num_threads=None):
         raise ValueError(f"dy: expected shape {ctx.shape} (the shape of x), got {tuple(dyn.shape)}")
     if dyn.dtype != ctx.dtype:
         raise TypeError(f"dy: expected dtype {ctx.dtype} (the dtype of x), got {dyn.dtype}")
+    if ad is not _NUMPY and ad.device(dyn) != ctx.device:
+        raise TypeError(f"dy: expected an array on x's device ({ctx.device}), "
+                        f"got one on {ad.device(dyn)}")
     nt = _threads.resolve(num_threads)
     C = ctx.num_features
     layout = ctx.layout
     perm, identity = ctx.perm
     S = ctx.spatial
     dyv = _kernel_view(dyn, layout, perm, identity, C, S)
-    if dyv is None:          # any other strides: one copy into x's layout
+    if dyv is None:
+        _check_dy_layout(dyn, ctx)
+        # any other strides: one copy into x's layout
         dyv = _kernel_view(np.ascontiguousarray(dyn if identity else dyn.transpose(perm)),
                            layout, tuple(range(dyn.ndim)), True, C, S)
     xv = ctx.x
     needs_x = ctx.training or ctx.weight_dtype is not None or ctx.bias_dtype is not None
     if xv is None and needs_x:
-        raise ValueError("ctx: the forward wrote y over x (in-place), so x is gone; "
-                         "backward can only give dx for an eval forward without affine")
+        raise ValueError("ctx: expected the context of a forward that kept x (needed for "
+                         "the batch statistics or dweight/dbias), got one whose forward wrote "
+                         "y over x (in-place); in-place forwards only support backward in eval "
+                         "mode without affine parameters")
     kernels = _dispatch.backend(ctx.device)
     xp = kernels.xp
     if out is None:
@@ -386,15 +527,26 @@ def backward(dy, ctx, *, out=None, num_threads=None):
     else:
         dxv = _check_out(out, ad, ctx.shape, ctx.dtype, layout, perm, identity, C, S)
         if xv is not None and xp.may_share_memory(dxv, xv):
-            raise ValueError("out: may not overlap x (the forward's input)")
+            raise ValueError("out: expected an array that does not overlap x (the "
+                             "forward's input), got one that does")
         if xp.may_share_memory(dxv, dyv) and not _same_memory(dxv, dyv):
-            raise ValueError("out: may be dy itself but must not partly overlap it")
+            raise ValueError("out: expected dy itself (in-place) or an array that does not "
+                             "overlap dy, got one that partly overlaps dy")
+    if check_finite:
+        _check_finite(xp, dyv, "dy")
+        if xv is not None:
+            _check_finite(xp, xv, "x (the forward's input)")
     pdtype = PARAM_DTYPE[ctx.dtype]
     dweight = None if ctx.weight_dtype is None else xp.empty(C, pdtype)
     dbias = None if ctx.bias_dtype is None else xp.empty(C, pdtype)
-    getattr(kernels, "backward_" + layout)(xv if xv is not None else dyv, dyv, dxv, ctx.mean,
-                                           ctx.invstd, ctx.weight, dweight, dbias,
-                                           ctx.training, nt)
+    if dyv.size:
+        getattr(kernels, "backward_" + layout)(xv if xv is not None else dyv, dyv, dxv,
+                                               ctx.mean, ctx.invstd, ctx.weight, dweight,
+                                               dbias, ctx.training, nt)
+    else:                    # empty batch: sums over nothing, as PyTorch
+        for g in (dweight, dbias):
+            if g is not None:
+                g.fill(0)
     if dweight is not None:
         if dweight.dtype != ctx.weight_dtype:
             dweight = dweight.astype(ctx.weight_dtype)
@@ -405,3 +557,25 @@ def backward(dy, ctx, *, out=None, num_threads=None):
         dbias = ad.wrap(dbias)
     return (out if out is not None else ad.wrap(dx)), dweight, dbias
 
+
+def _check_dy_layout(dyn, ctx):
+    """ValueError if dy is contiguous in the other canonical layout than the
+    one the forward ran in: reading it would need a transposing copy, which
+    is a silent slowdown the caller can avoid (and almost always means dy was
+    produced without regard to x's memory format)."""
+    layout = ctx.layout
+    other = NHWC if layout == NCHW else NCHW
+    if ctx.spatial == 1 or dyn.ndim == 2 or dyn.size == 0:
+        return               # both layouts are the same memory
+    # The channel axis is where the forward's memory order put it: second
+    # (channels-first) or last (channels-last); the rest keep their order.
+    perm = ctx.perm[0]
+    c = perm[1] if layout == NCHW else perm[-1]
+    rest = tuple(a for a in perm[1:] if a != c)
+    perm = (0, *rest, c) if other == NHWC else (0, c, *rest)
+    identity = perm == tuple(range(dyn.ndim))
+    if _kernel_view(dyn, other, perm, identity, ctx.num_features, ctx.spatial) is not None:
+        raise ValueError(f"dy: expected x's memory layout ({_MEMORY[layout]}, the layout the "
+                         f"forward ran in), got a {_MEMORY[other]} contiguous array with "
+                         f"strides {tuple(dyn.strides)}; give dy x's layout (numpy: "
+                         f"np.empty_like(x) then copy; torch: .contiguous(memory_format=...))")

@@ -12,6 +12,10 @@ pass as the batch statistics::
 """
 
 import numbers
+import os
+import threading
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -54,6 +58,15 @@ class RunningStats:
     mean, var : (C,) arrays, updated in place by training forwards.
     num_batches_tracked : int
     momentum : float or None
+
+    Threads: training forwards that update the same RunningStats from several
+    threads are serialised by a lock (no update is lost; their order is the
+    order in which the threads get the lock).  A forward that only reads the
+    statistics (training=False) does not take the lock, so it may see a
+    half-done concurrent update.
+
+    Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` (PyTorch's
+    keys), or :meth:`save` / :meth:`load` for a numpy .npz file.
     """
 
     def __init__(self, num_features, *, momentum=0.1, dtype=np.float32, like=None):
@@ -76,9 +89,13 @@ class RunningStats:
                 raise TypeError("like: JAX arrays are immutable and cannot hold running "
                                 "statistics updated in place; use numpy buffers (like=None)")
         self.device = "cpu" if like is None else self._adapter.device(like)
-        if self._adapter.name == "cupy":
-            xp = __import__("cupy")
-            with like.device:
+        if self.device == "gpu":
+            # cupy buffers on like's device (a cupy array or a torch CUDA tensor)
+            xp = _dispatch._cupy("like")
+            dev = like.device
+            if self._adapter.name != "cupy":
+                dev = xp.cuda.Device(dev.index)     # torch: index None = current device
+            with dev:
                 self._mean = xp.zeros(self.num_features, dtype)
                 self._var = xp.ones(self.num_features, dtype)
         else:
@@ -87,7 +104,16 @@ class RunningStats:
         # What users see: the same memory, as the library they asked for.
         self.mean = self._adapter.wrap(self._mean)
         self.var = self._adapter.wrap(self._var)
-        self.num_batches_tracked = 0
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def num_batches_tracked(self):
+        return self._count
+
+    @num_batches_tracked.setter
+    def num_batches_tracked(self, value):
+        self._count = _check_count(value, "num_batches_tracked")
 
     @property
     def momentum(self):
@@ -99,30 +125,92 @@ class RunningStats:
 
     def __repr__(self):
         return (f"RunningStats({self.num_features}, momentum={self._momentum}, "
-                f"dtype={self.dtype.name}, num_batches_tracked={self.num_batches_tracked})")
+                f"dtype={self.dtype.name}, num_batches_tracked={self._count})")
+
+    # copy / pickle: a fresh lock, and mean / var re-wrapped so that they keep
+    # sharing memory with the buffers the kernels update.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_lock"], state["mean"], state["var"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self.mean = self._adapter.wrap(self._mean)
+        self.var = self._adapter.wrap(self._var)
 
     # -- used by _api --------------------------------------------------------
     def _next_factor(self):
         """Factor f of the next update (num_batches_tracked not yet bumped)."""
         if self._momentum is None:
-            return 1.0 / (self.num_batches_tracked + 1)
+            return 1.0 / (self._count + 1)
         return self._momentum
 
     # -- public --------------------------------------------------------------
     def reset(self):
         """Back to mean 0, variance 1, no batches tracked."""
-        self._mean[...] = 0
-        self._var[...] = 1
-        self.num_batches_tracked = 0
+        with self._lock:
+            self._mean[...] = 0
+            self._var[...] = 1
+            self._count = 0
 
     def state_dict(self):
         """Copies of the state under PyTorch's BatchNorm keys."""
         wrap = self._adapter.wrap
+        with self._lock:         # the three values of one moment
+            mean, var, count = self._mean.copy(), self._var.copy(), self._count
         return {
-            "running_mean": wrap(self._mean.copy()),
-            "running_var": wrap(self._var.copy()),
-            "num_batches_tracked": wrap(np.array(self.num_batches_tracked, dtype=np.int64)),
+            "running_mean": wrap(mean),
+            "running_var": wrap(var),
+            "num_batches_tracked": wrap(np.array(count, dtype=np.int64)),
         }
+
+    def save(self, path):
+        """Write the state_dict to a numpy .npz file (np.savez; ".npz" is
+        appended to a path without it, as numpy does).
+
+        The file is written beside the target and renamed over it, so a crash
+        mid-save leaves the previous checkpoint, not a truncated one.  ``path``
+        may also be a writable binary file object."""
+        arrays = {k: _dispatch.to_host_numpy(v, k) for k, v in self.state_dict().items()}
+        if hasattr(path, "write"):
+            np.savez(path, **arrays)
+            return
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path += ".npz"
+        tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def load(self, path, *, strict=True):
+        """Load a checkpoint written by :meth:`save` (or ``np.savez(path,
+        **state_dict)``).  The whole file is read and checked (zip CRCs,
+        keys, shapes, dtypes) before anything changes: a truncated, corrupt or
+        mismatched file raises ValueError (TypeError for wrong dtypes) and
+        leaves the statistics as they were.  A missing file raises
+        FileNotFoundError."""
+        try:
+            f = np.load(path, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise ValueError("an .npy array, not an .npz archive")
+            with f:
+                state = {k: f[k] for k in f.files}       # reads (and CRC-checks) all now
+        except FileNotFoundError:
+            raise
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile,
+                zlib.error) as exc:
+            raise ValueError(f"path: expected a RunningStats .npz checkpoint, got a file "
+                             f"that cannot be read as one ({path!s}: {exc})") from exc
+        self.load_state_dict(state, strict=strict)
 
     def load_state_dict(self, state, *, strict=True):
         """Load running_mean / running_var / num_batches_tracked (numpy arrays,
@@ -139,7 +227,8 @@ class RunningStats:
                             f"got {type(state).__name__}")
         missing = [prefix + k for k in KEYS[:2] if prefix + k not in state]
         if missing and (strict or len(missing) < 2):
-            raise ValueError(f"state: missing keys {missing}")
+            raise ValueError(f"state: expected keys {list(KEYS)}, got {sorted(state.keys())} "
+                             f"(missing {missing})")
         if missing:                      # strict=False and no statistics at all
             return None
         if strict and not prefix:
@@ -165,10 +254,20 @@ class RunningStats:
         return arrays[0], arrays[1], count
 
     def _assign(self, mean, var, count):
-        if self._adapter.name == "cupy":
-            xp = __import__("cupy")
-            mean, var = xp.asarray(mean), xp.asarray(var)
-        self._mean[...] = mean
-        self._var[...] = var
-        if count is not None:
-            self.num_batches_tracked = count
+        if self.device == "gpu":
+            xp = _dispatch._cupy("state")
+            with self._mean.device:
+                mean, var = xp.asarray(mean), xp.asarray(var)
+        with self._lock:
+            self._mean[...] = mean
+            self._var[...] = var
+            if count is not None:
+                self._count = count
+
+
+def _check_count(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a non-negative integer, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {value}")
+    return int(value)

@@ -82,8 +82,8 @@ def test_out_buffers(rng, layout):
     y, ctx = fastbn.forward(x, out=out, axis=axis)
     assert y is out
     assert_close(out, R.forward(x).y, np.float32, "y")
-    dy = make_x(rng, shape, np.float32)
-    dy = np.empty_like(x) if False else dy.copy(order="K")
+    dy = np.empty_like(x)                       # dy in x's memory layout
+    dy[...] = make_x(rng, shape, np.float32)
     dxo = np.empty_like(x)
     dx, _, _ = fastbn.backward(dy, ctx, out=dxo)
     assert dx is dxo
@@ -187,3 +187,191 @@ def test_single_spatial_element_keeps_strides(rng):
     y, ctx = fastbn.forward(x)
     assert ctx.layout == "nhwc" and y.strides == x.strides
     assert_close(y, R.forward(x).y, np.float32, "y")
+
+
+# ----------------------------------------------------------------------------
+# NaN / Inf: per channel, as IEEE arithmetic would
+
+def _channels(a, axis, C):
+    """(rows, C) float64 view of a result, channel last."""
+    return np.moveaxis(np.asarray(a, np.float64), axis, -1).reshape(-1, C)
+
+
+NONFINITE_CASES = [
+    ((4, 5, 6, 7), 1, "cf"),          # channels-first kernel
+    ((4, 5, 6, 7), 1, "cl"),          # channels-last strides, axis=1
+    ((4, 6, 7, 5), -1, "cf"),         # channels-last shape
+    ((3, 5, 150, 120), 1, "cf"),      # several chunks per channel, threads
+    ((64, 30, 30, 5), -1, "cf"),      # many row chunks
+    ((300, 5), 1, "cf"),              # rank 2
+]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["x-first", "x-last", "dy"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,axis,layout", NONFINITE_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_non_finite_stays_in_its_channel(rng, shape, axis, layout, dtype, where, value):
+    C = 5
+    x = make_x(rng, shape, dtype)
+    if layout == "cl":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    dy = np.empty_like(x)
+    dy[...] = make_x(rng, shape, dtype)
+    target = dy if where == "dy" else x
+    ch = np.moveaxis(target, axis, -1)[..., 1]          # a view of channel 1
+    flat_index = 0 if where == "x-first" else ch.size - 1 if where == "x-last" else ch.size // 2
+    ch[np.unravel_index(flat_index, ch.shape)] = value  # x-first: the kernels' shift element
+    pdt = np.float64 if dtype == np.float64 else np.float32
+    w = np.linspace(0.5, 2.0, C).astype(pdt)
+    b = np.linspace(-1.0, 1.0, C).astype(pdt)
+    ref_stats = fastbn.RunningStats(C, dtype=pdt)
+    for training in (True, False):
+        stats = fastbn.RunningStats(C, dtype=pdt)
+        y, ctx = fastbn.forward(x, w, b, stats, training=training, axis=axis)
+        dx, dw, db = fastbn.backward(dy, ctx)
+        got = {"y": _channels(y, axis, C), "dx": _channels(dx, axis, C),
+               "dweight": dw[None], "dbias": db[None], "running_mean": stats.mean[None],
+               "running_var": stats.var[None], "ctx.mean": ctx.mean[None]}
+        bad = {k: ~np.isfinite(np.asarray(v, np.float64)).all(axis=0) for k, v in got.items()}
+        for k, flags in bad.items():
+            assert not flags[[0, 2, 3, 4]].any(), f"{k}: a non-finite value left channel 1"
+        # and the other channels are exactly what clean data gives
+        clean = x
+        if where != "dy":
+            clean = x.copy(order="K")                   # same memory layout, same kernel
+            np.moveaxis(clean, axis, -1)[..., 1] = 0
+        cy, cctx = fastbn.forward(clean, w, b, ref_stats if not training else None,
+                                  training=training, axis=axis)
+        if where != "dy":
+            assert np.array_equal(_channels(y, axis, C)[:, [0, 2, 3, 4]],
+                                  _channels(cy, axis, C)[:, [0, 2, 3, 4]])
+        else:
+            cdy = dy.copy(order="K")
+            np.moveaxis(cdy, axis, -1)[..., 1] = 0
+            cdx, cdw, cdb = fastbn.backward(cdy, ctx)
+            others = [0, 2, 3, 4]
+            assert np.array_equal(_channels(dx, axis, C)[:, others],
+                                  _channels(cdx, axis, C)[:, others])
+            assert np.array_equal(dw[others], cdw[others])
+            assert np.array_equal(db[others], cdb[others])
+        # the poisoned channel: as IEEE arithmetic on the formulas would
+        if where == "dy":
+            assert not np.isfinite(db[1]) and not np.isfinite(dw[1])
+            if training:                     # dbias enters every dx of the channel
+                assert not np.isfinite(got["dx"][:, 1]).any()
+            else:                            # dx = dy * w * invstd, element by element
+                assert np.isfinite(got["dx"][:, 1]).sum() == got["dx"].shape[0] - 1
+        elif training:                       # the batch mean is NaN/Inf: all of y
+            assert np.isnan(got["y"][:, 1]).all()
+            assert not np.isfinite(stats.mean[1]) and not np.isfinite(ctx.mean[1])
+        else:                                # running statistics: only that element
+            assert np.isfinite(got["y"][:, 1]).sum() == got["y"].shape[0] - 1
+
+
+def test_check_finite_refuses_before_the_update(rng):
+    x = make_x(rng, (4, 3, 5, 5), np.float32)
+    stats = fastbn.RunningStats(3, momentum=None)
+    fastbn.forward(x, stats=stats)
+    x[2, 1, 3, 3] = np.inf
+    before = (stats.mean.tobytes(), stats.var.tobytes(), stats.num_batches_tracked)
+    out = np.full_like(x, 5.0)
+    with pytest.raises(ValueError, match=r"^x: expected finite values .* got 1 NaN or Inf"):
+        fastbn.forward(x, stats=stats, out=out, check_finite=True)
+    assert (stats.mean.tobytes(), stats.var.tobytes(), stats.num_batches_tracked) == before
+    assert (out == 5.0).all()
+    fastbn.forward(x, stats=stats)                   # off by default: propagates
+    assert np.isinf(stats.mean[1]) or np.isnan(stats.mean[1])
+    assert np.isfinite(stats.mean[[0, 2]]).all()
+
+
+# ----------------------------------------------------------------------------
+# empty batches (N = 0) and zero-size spatial dimensions: as PyTorch 2.13
+
+EMPTY = [((0, 3, 4, 4), 1), ((2, 3, 0, 4), 1), ((0, 3), 1), ((0, 3, 1, 1), 1),
+         ((2, 0, 5, 3), -1), ((0, 4, 3), -1)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,axis", EMPTY, ids=lambda v: "x".join(map(str, v))
+                         if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_empty_batch(shape, axis, training, dtype):
+    C = shape[axis]
+    pdt = np.float64 if dtype == np.float64 else np.float32
+    x = np.zeros(shape, dtype)
+    stats = fastbn.RunningStats(C, dtype=pdt, momentum=None)
+    stats.load_state_dict({"running_mean": np.arange(C, dtype=float),
+                           "running_var": np.arange(C) + 1.0,
+                           "num_batches_tracked": np.int64(2)})
+    w = np.ones(C, pdt)
+    b = np.zeros(C, pdt)
+    y, ctx = fastbn.forward(x, w, b, stats, training=training, axis=axis)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    # running mean / var are untouched; the batch is counted (as torch.nn.BatchNorm*)
+    assert np.array_equal(stats.mean, np.arange(C)) and np.array_equal(stats.var, np.arange(C) + 1)
+    assert stats.num_batches_tracked == (3 if training else 2)
+    if training:
+        assert np.isnan(ctx.mean).all() and np.isnan(ctx.invstd).all()     # mean of nothing
+    else:
+        assert np.array_equal(ctx.mean, np.arange(C))
+    dx, dw, db = fastbn.backward(np.zeros_like(x), ctx)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert np.array_equal(dw, np.zeros(C)) and np.array_equal(db, np.zeros(C))
+    assert dw.dtype == pdt
+    out = np.empty_like(x)
+    assert fastbn.forward(x, stats=stats, training=training, axis=axis, out=out)[0] is out
+    fastbn.forward(x, training=True, axis=axis)         # no stats: fine too
+
+
+def test_empty_batch_matches_torch():
+    torch = pytest.importorskip("torch")
+    mod = torch.nn.BatchNorm2d(3, momentum=None)
+    bn = fastbn.BatchNorm(3, momentum=None)
+    rng = np.random.default_rng(0)
+    for n in (4, 0, 4):           # an empty batch between two real ones
+        x = rng.standard_normal((n, 3, 2, 2)).astype(np.float32) + n
+        with torch.no_grad():
+            ref = mod(torch.from_numpy(x.copy()))
+        y = bn.forward(x)
+        assert y.shape == tuple(ref.shape)
+        np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5)
+    assert bn.stats.num_batches_tracked == int(mod.num_batches_tracked) == 3
+    np.testing.assert_allclose(bn.stats.mean, mod.running_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(bn.stats.var, mod.running_var.numpy(), rtol=1e-6)
+    xt = torch.zeros(0, 3, 2, 2, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    bias = torch.zeros(3, requires_grad=True)
+    torch.nn.functional.batch_norm(xt, None, None, w, bias, training=True).sum().backward()
+    _, ctx = fastbn.forward(np.zeros((0, 3, 2, 2), np.float32), np.ones(3, np.float32),
+                            np.zeros(3, np.float32))
+    _, dw, db = fastbn.backward(np.zeros((0, 3, 2, 2), np.float32), ctx)
+    assert np.array_equal(dw, w.grad.numpy()) and np.array_equal(db, bias.grad.numpy())
+
+
+# ----------------------------------------------------------------------------
+# dy layout
+
+def test_dy_in_the_other_layout_is_refused_non_contiguous_dy_is_copied(rng):
+    x = make_x(rng, (4, 3, 5, 6), np.float32)
+    x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    dy = make_x(rng, x.shape, np.float32)
+    dy_cl = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    ref = R.forward(x)
+    rdx = R.backward(dy, x, ref.mean, ref.invstd)[0]
+    for xx, wrong, right in ((x, dy_cl, dy), (x_cl, dy, dy_cl)):
+        _, ctx = fastbn.forward(xx)
+        with pytest.raises(ValueError, match=r"^dy: expected x's memory layout"):
+            fastbn.backward(wrong, ctx)
+        assert_close(fastbn.backward(right, ctx)[0], rdx, np.float32, "dx")
+        # neither layout: copied once, any strides
+        odd = np.empty((4, 3, 5, 12), np.float32)[..., ::2]
+        odd[...] = dy
+        assert_close(fastbn.backward(odd, ctx)[0], rdx, np.float32, "dx (strided dy)")
+    # (N, C, 1, 1): both layouts are the same memory, nothing to refuse
+    x1 = make_x(rng, (5, 3, 1, 1), np.float32)
+    _, ctx = fastbn.forward(x1)
+    fastbn.backward(np.ascontiguousarray(x1.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2), ctx)

@@ -234,7 +234,7 @@ def test_layer_with_torch_tensors():
     ref = R.forward(x_np, np.ones(C), np.zeros(C))
     within(y.numpy(), ref.y, np.float32, "y")
     dy_np = data(rng, x_np.shape)
-    dx = bn.backward(torch.from_numpy(dy_np))
+    dx = bn.backward(torch.from_numpy(dy_np).contiguous(memory_format=torch.channels_last))
     assert type(dx) is torch.Tensor
     rdx, rdw, rdb = R.backward(dy_np, x_np, ref.mean, ref.invstd, np.ones(C))
     within(dx.numpy(), rdx, np.float32, "dx")

@@ -126,3 +126,145 @@ def test_layer_non_strict_load_ignores_missing_keys():
     assert np.array_equal(bn.weight, np.full(3, 2.0)) and np.array_equal(bn.bias, np.zeros(3))
     with pytest.raises(ValueError, match="missing"):
         bn.load_state_dict({"weight": np.full(3, 2.0)})
+
+
+# ----------------------------------------------------------------------------
+# checkpoint files: save / load
+
+def _trained(rng, dtype=np.float32, momentum=None, steps=3, C=5):
+    s = fastbn.RunningStats(C, momentum=momentum, dtype=dtype)
+    for k in range(steps):
+        fastbn.forward(make_x(rng, (4, C, 6), dtype, offset=k, scale=1 + k), stats=s)
+    return s
+
+
+def _state_bytes(s):
+    return s.mean.tobytes(), s.var.tobytes(), s.num_batches_tracked
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_save_load_round_trip_is_exact(rng, tmp_path, dtype):
+    s = _trained(rng, dtype)
+    s.mean[2] = np.nan                                 # any bits survive, NaN included
+    path = tmp_path / "stats.npz"
+    s.save(path)
+    t = fastbn.RunningStats(5, momentum=None, dtype=dtype)
+    t.load(path)
+    assert _state_bytes(t) == _state_bytes(s)
+    # "ckpt" gets ".npz" appended, as np.savez does; a str path works too
+    s.save(str(tmp_path / "ckpt"))
+    u = fastbn.RunningStats(5, dtype=dtype)
+    u.load(str(tmp_path / "ckpt.npz"))
+    assert _state_bytes(u) == _state_bytes(s)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz", "stats.npz"]  # no temp left
+    # the np.savez route of the README is the same file format
+    np.savez(tmp_path / "manual.npz", **s.state_dict())
+    v = fastbn.RunningStats(5, dtype=dtype)
+    v.load(tmp_path / "manual.npz")
+    assert _state_bytes(v) == _state_bytes(s)
+
+
+def test_save_to_a_file_object(rng, tmp_path):
+    import io
+    s = _trained(rng)
+    buf = io.BytesIO()
+    s.save(buf)
+    buf.seek(0)
+    t = fastbn.RunningStats(5)
+    t.load(buf)
+    assert _state_bytes(t) == _state_bytes(s)
+
+
+def test_save_torch_backed_stats(rng, tmp_path):
+    torch = pytest.importorskip("torch")
+    s = fastbn.RunningStats(5, like=torch.zeros(1))
+    fastbn.forward(torch.from_numpy(make_x(rng, (4, 5, 6), np.float32)), stats=s)
+    s.save(tmp_path / "t.npz")
+    t = fastbn.RunningStats(5)
+    t.load(tmp_path / "t.npz")
+    assert t.mean.tobytes() == s.mean.numpy().tobytes() and t.num_batches_tracked == 1
+
+
+def _corrupt_files(tmp_path, good):
+    raw = good.read_bytes()
+    files = {}
+    for name, data in [("truncated-half", raw[: len(raw) // 2]),
+                       ("truncated-end", raw[:-10]),
+                       ("truncated-header", raw[:20]),
+                       ("empty", b""),
+                       ("garbage", b"not a checkpoint at all" * 10)]:
+        p = tmp_path / f"{name}.npz"
+        p.write_bytes(data)
+        files[name] = p
+    # a flipped byte inside the first member's data: the zip CRC catches it
+    flipped = bytearray(raw)
+    flipped[100] ^= 0xFF
+    p = tmp_path / "flipped.npz"
+    p.write_bytes(bytes(flipped))
+    files["flipped"] = p
+    p = tmp_path / "single.npy"
+    np.save(p, np.zeros(5))
+    files["single-npy"] = p
+    return files
+
+
+def test_truncated_or_corrupt_checkpoint_is_refused_and_changes_nothing(rng, tmp_path):
+    good = tmp_path / "good.npz"
+    _trained(rng).save(good)
+    s = _trained(rng, steps=2)
+    before = _state_bytes(s)
+    for name, path in _corrupt_files(tmp_path, good).items():
+        with pytest.raises(ValueError, match="^path: expected a RunningStats .npz checkpoint"):
+            s.load(path)
+        assert _state_bytes(s) == before, name
+    with pytest.raises(FileNotFoundError):
+        s.load(tmp_path / "missing.npz")
+    assert _state_bytes(s) == before
+
+
+@pytest.mark.parametrize("what", ["features", "extra-key", "missing-key", "int-dtype",
+                                  "negative-count", "float-count", "layer-checkpoint"])
+def test_mismatched_checkpoint_is_refused_and_changes_nothing(rng, tmp_path, what):
+    src = _trained(rng)
+    sd = {k: np.asarray(v) for k, v in src.state_dict().items()}
+    if what == "features":
+        sd = {k: v[:4] if v.ndim else v for k, v in sd.items()}
+    elif what == "extra-key":
+        sd["weight"] = np.ones(5, np.float32)
+    elif what == "missing-key":
+        del sd["running_var"]
+    elif what == "int-dtype":
+        sd["running_mean"] = sd["running_mean"].astype(np.int32)
+    elif what == "negative-count":
+        sd["num_batches_tracked"] = np.array(-3)
+    elif what == "float-count":
+        sd["num_batches_tracked"] = np.array(3.0)
+    elif what == "layer-checkpoint":
+        sd = fastbn.BatchNorm(5).state_dict()
+    path = tmp_path / "bad.npz"
+    np.savez(path, **sd)
+    s = _trained(rng, steps=2)
+    before = _state_bytes(s)
+    with pytest.raises((ValueError, TypeError)) as info:
+        s.load(path)
+    assert "expected" in str(info.value)
+    assert _state_bytes(s) == before
+
+
+def test_copy_and_pickle_keep_buffers_consistent(rng):
+    import copy
+    import pickle
+    s = _trained(rng)
+    for t in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert _state_bytes(t) == _state_bytes(s) and t.momentum is None
+        assert np.shares_memory(t.mean, t._mean)       # the visible buffer is the kernel's
+        fastbn.forward(make_x(rng, (4, 5, 6), np.float32), stats=t)
+        assert t.num_batches_tracked == s.num_batches_tracked + 1
+        assert _state_bytes(s) != _state_bytes(t)        # independent of the original
+    bn = fastbn.BatchNorm(5)
+    bn.forward(make_x(rng, (4, 5, 6), np.float32))
+    bn2 = copy.deepcopy(bn)
+    assert bn2._ctx is None                           # a copy needs its own forward
+    bn2.forward(make_x(rng, (4, 5, 6), np.float32))
+    bn2.backward(make_x(rng, (4, 5, 6), np.float32))
+    assert pickle.loads(pickle.dumps(bn)).stats.num_batches_tracked == 1

@@ -297,10 +297,12 @@ def test_odd_sizes_match_torch(training, shape, kind, dtype):
     rng = rng_for("odd", training, shape, kind, np.dtype(dtype).name)
     xt = tt(data(rng, shape, dtype))
     dyt = tt(data(rng, shape, dtype, offset=-0.2, scale=0.7))
-    if kind == "cl":
-        x, dy, axis = xt.contiguous(memory_format=torch.channels_last), dyt, 1
+    if kind == "cl":            # dy in x's memory layout, as backward requires
+        cl = torch.channels_last
+        x, dy, axis = xt.contiguous(memory_format=cl), dyt.contiguous(memory_format=cl), 1
     elif kind == "cl3d":
-        x, dy, axis = xt.contiguous(memory_format=torch.channels_last_3d), dyt, 1
+        cl = torch.channels_last_3d
+        x, dy, axis = xt.contiguous(memory_format=cl), dyt.contiguous(memory_format=cl), 1
     else:
         x, dy, axis = xt, dyt, kind
     x_cf, dy_cf = to_cf(xt, axis), to_cf(dyt, axis)
