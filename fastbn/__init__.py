@@ -7,10 +7,11 @@
     dx, dw, db = fastbn.backward(np.ones_like(y), ctx)
 
 Public names: forward, backward, RunningStats, BatchNorm, get_num_threads,
-set_num_threads.  Importing fastbn imports numpy and nothing else.
+set_num_threads, precompile.  Importing fastbn imports numpy and nothing else.
 """
 
 from ._api import Context, backward, forward
+from ._dispatch import precompile  # GPU kernels up front (imports cupy only when called)
 from ._stats import RunningStats
 from ._threads import get_num_threads, set_num_threads
 from .layers import BatchNorm
@@ -24,5 +25,6 @@ __all__ = [
     "backward",
     "forward",
     "get_num_threads",
+    "precompile",
     "set_num_threads",
 ]

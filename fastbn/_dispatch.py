@@ -20,13 +20,46 @@ def backend(device):
     if mod is None:
         if device == "cpu":
             from . import _cpu as mod
+        elif device == "gpu":
+            _cupy("x")
+            from . import _gpu as mod
         else:
-            raise TypeError(
-                "fastbn: the GPU backend is not available in this build; "
-                "pass CPU arrays (numpy, or torch/JAX tensors on the CPU)"
-            )
+            raise TypeError(f"fastbn: no backend for device {device!r}")
         _BACKENDS[device] = mod
     return mod
+
+
+def _cupy(argname):
+    """The cupy module (GPU arrays cannot be handled without it)."""
+    cp = sys.modules.get("cupy")
+    if cp is None:
+        try:
+            import cupy as cp
+        except ImportError:
+            raise TypeError(
+                f"{argname}: GPU arrays need CuPy, which is not installed; install "
+                "fastbn[gpu] (or the cupy-cudaXXx wheel matching your CUDA)"
+            ) from None
+    return cp
+
+
+def precompile(device=None):
+    """Compile the GPU kernels now rather than on first use.
+
+    The kernels are compiled once per process and device the first time a GPU
+    array needs them (CuPy also keeps the binaries in its on-disk cache);
+    training engines that want that cost up front call this at start-up.
+
+    Parameters
+    ----------
+    device : int or None
+        CUDA device id; None for the current device.
+
+    Returns
+    -------
+    int : the number of kernel instances compiled or loaded.
+    """
+    return backend("gpu").precompile(device)
 
 
 class NumpyAdapter:
@@ -54,27 +87,49 @@ class TorchAdapter:
                 f"{argname}: expected a tensor that does not require grad "
                 "(fastbn computes gradients itself); pass .detach()"
             )
-        if t.device.type != "cpu":
+        kind = t.device.type
+        if kind == "cuda":
+            # CUDA tensors (bfloat16 included) go to the GPU backend as cupy
+            # arrays sharing their memory.
+            cp = _cupy(argname)
+            if t.is_conj() or t.is_neg():
+                t = t.resolve_conj().resolve_neg()
+            try:
+                return cp.from_dlpack(t)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+                raise TypeError(f"{argname}: cannot hand this {t.dtype} CUDA tensor to CuPy "
+                                f"through DLPack ({exc})") from None
+        if kind != "cpu":
             raise TypeError(
-                f"{argname}: torch tensors on {t.device} need the GPU backend, "
-                "which this build does not have; expected a CPU tensor"
+                f"{argname}: torch tensors on {t.device} are not supported; expected a CPU "
+                "or CUDA tensor"
             )
         if str(t.dtype) == "torch.bfloat16":
             raise TypeError(
                 f"{argname}: bfloat16 is not supported on the CPU; expected "
-                "float16, float32 or float64"
+                "float16, float32 or float64 (or a CUDA tensor)"
             )
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         return np.from_dlpack(t)
 
-    def device(self, t):
+    def device(self, a):
+        # Called with a native array (numpy or cupy) or with a torch tensor
+        # (RunningStats(like=...)).
+        if type(a) is np.ndarray:
+            return "cpu"
+        dev = getattr(a, "device", None)
+        if getattr(dev, "type", None) == "cuda":
+            return "gpu"
+        if (getattr(type(a), "__module__", "") or "").split(".")[0] == "cupy":
+            return "gpu"
         return "cpu"
 
     def wrap(self, a):
-        # torch.from_dlpack of a negative-stride array aborts the process.
-        if any(s < 0 for s in a.strides):
-            a = a.copy()
+        if isinstance(a, np.ndarray):
+            # torch.from_dlpack of a negative-stride array aborts the process.
+            if any(s < 0 for s in a.strides):
+                a = a.copy()
         return sys.modules["torch"].from_dlpack(a)
 
     def writable(self, t):
@@ -88,8 +143,8 @@ class JaxAdapter:
         devices = getattr(a, "devices", None)
         if devices is not None and any(d.platform != "cpu" for d in devices()):
             raise TypeError(
-                f"{argname}: JAX arrays on an accelerator need the GPU backend, "
-                "which this build does not have; expected a CPU array"
+                f"{argname}: JAX arrays on an accelerator are not supported yet; "
+                "expected a CPU array (GPU arrays: cupy or torch CUDA tensors)"
             )
         if str(a.dtype) == "bfloat16":
             raise TypeError(
@@ -137,6 +192,9 @@ def adapter(a, argname="x"):
     if ad is not None:
         return ad
     if isinstance(a, np.ndarray):
+        if (getattr(t, "__module__", "") or "").startswith("numpy.ma"):
+            raise TypeError(f"{argname}: expected a plain array, got a numpy masked array "
+                            "(its mask would be ignored); pass a.filled(...) or a.data")
         ad = _NUMPY
     else:
         root = (getattr(t, "__module__", "") or "").split(".")[0]
