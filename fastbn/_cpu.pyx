@@ -71,6 +71,7 @@ cdef extern from "_simd.h" nogil:
 DEF CHUNK = 8192
 DEF NHWC_CHUNK = 65536
 DEF MIN_ROWS = 64
+DEF MAX_ROWS = 1024      # a lane sums at most this many rows before the merge
 # Below this many elements a call runs on one thread: waking the team costs more.
 DEF SERIAL_BELOW = 32768
 # Element-wise passes split the work in tasks of about this many elements.
@@ -485,6 +486,8 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef const param_t* b = <const param_t*>j.bias
     if R < MIN_ROWS:
         R = MIN_ROWS
+    if R > MAX_ROWS:
+        R = MAX_ROWS
     nq = cdiv(M, R)
     # scratch: per chunk q the rows ps = part[2qC:], pq = part[(2q+1)C:];
     # float64 coefficients (mean, a, b, k) per channel, the math-type columns
