@@ -15,14 +15,26 @@ def _have(name):
     return importlib.util.find_spec(name) is not None
 
 
+def _gpu_status():
+    if not _have("cupy"):
+        return "not available (CuPy not installed: pip install fastbn[gpu])"
+    try:
+        import cupy
+
+        if not cupy.is_available():
+            return "CuPy found, no CUDA device"
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return f"{name} (CuPy {cupy.__version__}; kernels compile on first use)"
+    except Exception as exc:  # noqa: BLE001 - any CUDA runtime error means "no GPU here"
+        return f"CuPy found, CUDA unusable ({type(exc).__name__})"
+
+
 def info():
     print(f"fastbn {fastbn.__version__}  (numpy {np.__version__}, Python {platform.python_version()})")
     omp = "OpenMP" if _cpu.openmp_enabled() else "no OpenMP: single-threaded build"
     print(f"backends: cpu ({omp}, {fastbn.get_num_threads()} threads by default)", end="")
-    if _have("cupy"):
-        print("; gpu: CuPy found, GPU backend not in this build")
-    else:
-        print("; gpu: not available (CuPy not installed)")
+    print("; gpu:", _gpu_status())
     peers = [n for n in ("torch", "jax", "threadpoolctl") if _have(n)]
     print("interop / peers found:", ", ".join(peers) if peers else "none")
 
