@@ -107,7 +107,7 @@ def _allocate(xp, shape, dtype, layout, perm, identity, C, S):
     return logical, view
 
 
-def _resolve(a, axis, C, S):
+def _resolve(a, axis, C, S, xp=np):
     """Choose the layout for x: the preferred one if the strides allow it,
     else the other one if they allow that (no copy), else a copy in the
     preferred layout.  Returns (layout, perm, identity, view)."""
@@ -127,7 +127,7 @@ def _resolve(a, axis, C, S):
             return layout, perm, identity, view
     layout = order[0]
     perm, identity = perms[layout]
-    copy = np.ascontiguousarray(a if identity else a.transpose(perm))
+    copy = xp.ascontiguousarray(a if identity else a.transpose(perm))
     return layout, perm, identity, _kernel_view(copy, layout, tuple(range(a.ndim)), True, C, S)
 
 
@@ -207,7 +207,7 @@ def _check_param(p, name, ad, C, xdtype, pdtype):
                             f"got {pn.dtype}")
         pn = pn.astype(pdtype)
     elif not pn.flags.c_contiguous:
-        pn = np.ascontiguousarray(pn)
+        pn = pn.copy()                     # C order (numpy and cupy alike)
     return pn, given
 
 
@@ -251,7 +251,7 @@ def _check_out(out, ad, shape, dtype, layout, perm, identity, C, S, argname="out
         raise ValueError(f"{argname}: expected shape {tuple(shape)}, got {tuple(on.shape)}")
     if on.dtype != dtype:
         raise TypeError(f"{argname}: expected dtype {dtype}, got {on.dtype}")
-    if not on.flags.writeable:
+    if isinstance(on, np.ndarray) and not on.flags.writeable:   # cupy: always writable
         raise ValueError(f"{argname}: expected a writable array, got a read-only one")
     view = _kernel_view(on, layout, perm, identity, C, S)
     if view is None:
@@ -372,7 +372,7 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
 
     kernels = _dispatch.backend(device)
     xp = kernels.xp
-    layout, perm, identity, xv = _resolve(xn, axis, C, S)
+    layout, perm, identity, xv = _resolve(xn, axis, C, S, xp)
     in_place = False
     if out is None:
         y, yv = _allocate(xp, shape, dtype, layout, perm, identity, C, S)
@@ -511,7 +511,8 @@ def backward(dy, ctx, *, out=None, num_threads=None, check_finite=False):
     if dyv is None:
         _check_dy_layout(dyn, ctx)
         # any other strides: one copy into x's layout
-        dyv = _kernel_view(np.ascontiguousarray(dyn if identity else dyn.transpose(perm)),
+        dyv = _kernel_view(_dispatch.backend(ctx.device).xp.ascontiguousarray(
+                               dyn if identity else dyn.transpose(perm)),
                            layout, tuple(range(dyn.ndim)), True, C, S)
     xv = ctx.x
     needs_x = ctx.training or ctx.weight_dtype is not None or ctx.bias_dtype is not None
