@@ -143,25 +143,9 @@ __device__ __forceinline__ void gsum_nhwc(const T* __restrict__ x, const T* __re
         }
         return;
     }
-    const long long stride = C * splits;
-    if (ty == 0 && active) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) put_partial(part, stride, split * C + c0 + j, st[j]);
-    }
-    if (!last_block_done(counter + blockIdx.x, (unsigned int)splits)) return;
-
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-        st[j] = empty_state((Sum2D*)0);
-        if (active) {
-            for (long long k = ty; k < splits; k += TY) {
-                Sum2D p;
-                get_partial(part, stride, k * C + c0 + j, p);
-                st[j] = merge(st[j], p);
-            }
-        }
-    }
-    column_reduce(st, sm);
+    if (!merge_column_splits<V>(st, sm, part, C, split, splits, c0, active,
+                                counter + blockIdx.x))
+        return;
     if (ty == 0 && active) {
 #pragma unroll
         for (int j = 0; j < V; ++j)

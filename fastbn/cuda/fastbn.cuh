@@ -367,6 +367,37 @@ __device__ __forceinline__ void get_partial(const double* part, long long stride
     v.t = __ldcg(part + stride + i);
 }
 
+// Channels-last finish across blocks: each block publishes its per-column
+// states, and the last block of the column tile to finish merges them in
+// split order (row ty takes splits ty, ty + TY, ...), then reduces its
+// columns.  True in that last block, where row 0 then holds the totals.
+template <int V, class S>
+__device__ __forceinline__ bool merge_column_splits(S (&st)[V], S* sm, double* part,
+                                                    long long C, long long split,
+                                                    long long splits, long long c0,
+                                                    bool active, unsigned int* counter) {
+    const int ty = threadIdx.y, TY = blockDim.y;
+    const long long stride = C * splits;
+    if (ty == 0 && active) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) put_partial(part, stride, split * C + c0 + j, st[j]);
+    }
+    if (!last_block_done(counter, (unsigned int)splits)) return false;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        st[j] = empty_state((S*)0);
+        if (active) {
+            for (long long k = ty; k < splits; k += TY) {
+                S p;
+                get_partial(part, stride, k * C + c0 + j, p);
+                st[j] = merge(st[j], p);
+            }
+        }
+    }
+    column_reduce(st, sm);
+    return true;
+}
+
 // ---------------------------------------------------------------------------
 // Per-channel finalisation, in double, the same formulas as fastbn/_cpu.pyx.
 
