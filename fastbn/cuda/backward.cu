@@ -61,19 +61,9 @@ __device__ __forceinline__ void gsum_nchw(const T* __restrict__ x, const T* __re
             finish_grad(c, total, n, training, mean, invstd, weight, dweight, dbias, coef);
         return;
     }
-    const long long stride = C * splits;
-    if (threadIdx.x == 0) put_partial(part, stride, c * splits + split, total);
-    if (!last_block_done(counter + c, (unsigned int)splits)) return;
-
-    Sum2D sum = empty_state((Sum2D*)0);
-    for (long long k = threadIdx.x; k < splits; k += B) {
-        Sum2D p;
-        get_partial(part, stride, c * splits + k, p);
-        sum = merge(sum, p);
-    }
-    sum = block_reduce(sum, red);
+    if (!merge_block_splits(total, red, part, C, c, split, splits, counter)) return;
     if (threadIdx.x == 0)
-        finish_grad(c, sum, n, training, mean, invstd, weight, dweight, dbias, coef);
+        finish_grad(c, total, n, training, mean, invstd, weight, dweight, dbias, coef);
 }
 
 template <int V, class T, class A, class P>

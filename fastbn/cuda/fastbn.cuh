@@ -367,6 +367,27 @@ __device__ __forceinline__ void get_partial(const double* part, long long stride
     v.t = __ldcg(part + stride + i);
 }
 
+// Channels-first finish across blocks: each of a channel's `splits` blocks
+// publishes its block total; the last to finish merges them in split order
+// (thread i takes splits i, i + blockDim.x, ...) and reduces over the block.
+// True in that last block, where `total` then holds the channel's total.
+template <class S>
+__device__ __forceinline__ bool merge_block_splits(S& total, S* red, double* part,
+                                                   long long C, long long c, long long split,
+                                                   long long splits, unsigned int* counter) {
+    const long long stride = C * splits;
+    if (threadIdx.x == 0) put_partial(part, stride, c * splits + split, total);
+    if (!last_block_done(counter + c, (unsigned int)splits)) return false;
+    S acc = empty_state((S*)0);
+    for (long long k = threadIdx.x; k < splits; k += blockDim.x) {
+        S p;
+        get_partial(part, stride, c * splits + k, p);
+        acc = merge(acc, p);
+    }
+    total = block_reduce(acc, red);
+    return true;
+}
+
 // Channels-last finish across blocks: each block publishes its per-column
 // states, and the last block of the column tile to finish merges them in
 // split order (row ty takes splits ty, ty + TY, ...), then reduces its

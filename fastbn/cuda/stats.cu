@@ -56,19 +56,9 @@ __device__ __forceinline__ void stats_nchw(const T* __restrict__ x, const P* wei
                          coef);
         return;
     }
-    const long long stride = C * splits;
-    if (threadIdx.x == 0) put_partial(part, stride, c * splits + split, total);
-    if (!last_block_done(counter + c, (unsigned int)splits)) return;
-
-    WelfordD acc = empty_state((WelfordD*)0);
-    for (long long k = threadIdx.x; k < splits; k += B) {
-        WelfordD p;
-        get_partial(part, stride, c * splits + k, p);
-        acc = merge(acc, p);
-    }
-    acc = block_reduce(acc, red);
+    if (!merge_block_splits(total, red, part, C, c, split, splits, counter)) return;
     if (threadIdx.x == 0)
-        finish_stats(c, (double)shift, acc, factor, eps, mean, invstd, rm, rv, weight, bias, coef);
+        finish_stats(c, (double)shift, total, factor, eps, mean, invstd, rm, rv, weight, bias, coef);
 }
 
 // Channels-last (M, C): block (t, s) of a (tiles, splits) grid, (TX, TY)
