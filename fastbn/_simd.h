@@ -468,12 +468,10 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
                                ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,          \
                                ptrdiff_t c1, const M *cols, const double *cf) {   \
     const M *hi = cols, *lo = cols + C, *a = cols + 2 * C, *b = cols + 3 * C;     \
-    /* Rows per coefficient load: see fbn_rstep; but only when each vector     \
-     * store fills whole cache lines (interleaving rows of half-line stores    \
-     * leaves lines half written for a while, which costs more than it saves). \
-     * Op 1 stores 8 lanes, the others W. */                                   \
-    const ptrdiff_t lanes = op == 1 ? 8 : W;                                      \
-    const ptrdiff_t rstep = lanes * (ptrdiff_t)sizeof(T) >= 64                    \
+    /* Rows per coefficient load: see fbn_rstep; but one row at a time when a   \
+     * math-type vector stores less than a cache line (float16: interleaving  \
+     * rows of half-line stores costs more than the shared loads save). */    \
+    const ptrdiff_t rstep = W * (ptrdiff_t)sizeof(T) >= 64                        \
                             ? fbn_rstep(C * (ptrdiff_t)sizeof(T)) : 1;            \
     for (ptrdiff_t rb = r0; rb < r1; rb += rstep) {                               \
         ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                         \
