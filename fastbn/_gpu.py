@@ -217,12 +217,10 @@ class _Device:
     last-block counters per stream (each launch leaves them at zero, so launches
     in stream order can share them).  They only grow."""
 
-    def __init__(self, device_id):
-        cp = _cupy()
+    def __init__(self, device_id, sm_count, regs_per_sm):
         self.id = device_id
-        props = cp.cuda.runtime.getDeviceProperties(device_id)
-        self.sm_count = int(props["multiProcessorCount"])
-        self.regs_per_sm = int(props.get("regsPerMultiprocessor", 65536))
+        self.sm_count = sm_count
+        self.regs_per_sm = regs_per_sm
         self.module = None
         self.kernels = {}
         self.occupancy = {}
@@ -301,7 +299,10 @@ def _device_state(device_id):
         with _LOCK:
             dev = _DEVICES.get(device_id)
             if dev is None:
-                dev = _DEVICES[device_id] = _Device(device_id)
+                props = _cupy().cuda.runtime.getDeviceProperties(device_id)
+                dev = _DEVICES[device_id] = _Device(
+                    device_id, int(props["multiProcessorCount"]),
+                    int(props.get("regsPerMultiprocessor", 65536)))
     return dev
 
 

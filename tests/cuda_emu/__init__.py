@@ -166,16 +166,7 @@ def make_device(sm_count=4, log=None):
 
     class EmuDevice(_gpu._Device):
         def __init__(self):
-            self.id = 0
-            self.sm_count = sm_count
-            self.regs_per_sm = 65536
-            self.module = None
-            self.kernels = {}
-            self.occupancy = {}
-            self.counters = {}
-            import threading
-            self.local = threading.local()
-            self.lock = threading.Lock()
+            super().__init__(0, sm_count, 65536)
             self.log = [] if log is None else log
 
         def compile(self):
