@@ -31,7 +31,8 @@ def _gpu_status():
 
 
 def info():
-    print(f"fastbn {fastbn.__version__}  (numpy {np.__version__}, Python {platform.python_version()})")
+    print(f"fastbn {fastbn.__version__}  "
+          f"(numpy {np.__version__}, Python {platform.python_version()})")
     omp = "OpenMP" if _cpu.openmp_enabled() else "no OpenMP: single-threaded build"
     print(f"backends: cpu ({omp}, {fastbn.get_num_threads()} threads by default)", end="")
     print("; gpu:", _gpu_status())

@@ -49,7 +49,8 @@ class Context:
     """
 
     __slots__ = ("mean", "invstd", "layout", "training", "x", "weight", "weight_dtype",
-                 "bias_dtype", "spatial", "shape", "dtype", "perm", "adapter", "device", "num_features")
+                 "bias_dtype", "spatial", "shape", "dtype", "perm", "adapter", "device",
+                 "num_features")
 
     def __repr__(self):
         return (f"Context(layout={self.layout!r}, training={self.training}, "
@@ -424,11 +425,11 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
             finally:
                 lock.release()
         else:
-            getattr(kernels, "forward_train_" + layout)(xv, yv, w, b, mean, invstd, None,
-                                                         None, 0.0, eps, nt)
+            getattr(kernels, "forward_train_" + layout)(
+                xv, yv, w, b, mean, invstd, None, None, 0.0, eps, nt)
     else:
-        getattr(kernels, "forward_infer_" + layout)(xv, yv, w, b, mean, invstd, stats._mean,
-                                                     stats._var, eps, nt)
+        getattr(kernels, "forward_infer_" + layout)(
+            xv, yv, w, b, mean, invstd, stats._mean, stats._var, eps, nt)
 
     ctx = Context()
     ctx.mean = mean

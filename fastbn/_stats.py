@@ -29,7 +29,8 @@ def _check_momentum(momentum):
     if momentum is None:
         return None
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float in [0, 1] or None, got {type(momentum).__name__}")
+        raise TypeError("momentum must be a float in [0, 1] or None, "
+                        f"got {type(momentum).__name__}")
     momentum = float(momentum)
     if not 0.0 <= momentum <= 1.0:          # also rejects NaN
         raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
