@@ -78,13 +78,10 @@ DEF SERIAL_BELOW = 32768
 DEF EW_BLOCK = 16384
 # Channels-first blocks hold enough channels for runs of at least this many
 # contiguous bytes (the prefetchers need a few KiB to stream).
-DEF RUN_BYTES_DEFAULT = 131072
+DEF RUN_BYTES = 131072
 # Channels-last: channel tiles of the reduction tasks.
 DEF CTASK = 256
 
-# Traversal choice (not numerics: any value gives the same bits), settable
-# through _set_tuning() for benchmarking.
-cdef Py_ssize_t RUN_BYTES = RUN_BYTES_DEFAULT
 
 ctypedef unsigned short half_t
 
@@ -300,6 +297,23 @@ cdef inline void grad_coefs(Job* j, Py_ssize_t c, double sdy, double sdyx, Py_ss
         k[0] = 0.0
 
 
+cdef inline void channel_coefs(Job* j, Py_ssize_t c, bint train, bint fwd, double first,
+                               double s1, double s2, Py_ssize_t n, param_t* rm, param_t* rv,
+                               const param_t* w, const param_t* b, double* mean, double* a,
+                               double* bb, double* k) noexcept nogil:
+    """Channel c's element-wise coefficients: from its batch statistics (training
+    forward, also updating the running ones; `first` is the channel's shift),
+    its running statistics (inference), or its gradient sums (backward)."""
+    if train:
+        finish_stats(j, c, first, s1, s2, n, rm, rv)
+    elif fwd:
+        infer_stats(j, c, rm, rv)
+    if fwd:
+        affine_coefs(j, c, w, b, mean, a, bb, k)
+    else:
+        grad_coefs(j, c, s1, s2, n, w, mean, a, bb, k)
+
+
 # ----------------------------------------------------------------------------
 # channels-first (N, C, S)
 #
@@ -411,13 +425,8 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
                 s1 = 0.0
                 s2 = 0.0
                 fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
-                if fwd:
-                    finish_stats(j, c, ld(x, c * S), s1, s2, n, rm, rv)
-                    affine_coefs(j, c, w, b, &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2],
-                                 &cf[4 * c + 3])
-                else:
-                    grad_coefs(j, c, s1, s2, n, w, &cf[4 * c], &cf[4 * c + 1],
-                               &cf[4 * c + 2], &cf[4 * c + 3])
+                channel_coefs(j, c, train, fwd, ld(x, c * S), s1, s2, n, rm, rv, w, b,
+                              &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2], &cf[4 * c + 3])
             for nn in range(N):
                 nchw_ew_runs(j, x, op, nn * C + c0, nn * C + c1, cf)
         free(part)
@@ -433,15 +442,8 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         s2 = 0.0
         if reduce:
             fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
-        if train:
-            finish_stats(j, c, ld(x, c * S), s1, s2, n, rm, rv)
-        elif fwd:
-            infer_stats(j, c, rm, rv)
-        if fwd:
-            affine_coefs(j, c, w, b, &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2], &cf[4 * c + 3])
-        else:
-            grad_coefs(j, c, s1, s2, n, w, &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2],
-                       &cf[4 * c + 3])
+        channel_coefs(j, c, train, fwd, ld(x, c * S), s1, s2, n, rm, rv, w, b,
+                      &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2], &cf[4 * c + 3])
     rpt = cdiv(EW_BLOCK, S)
     nr = cdiv(N * C, rpt)
     nt = team(nr, C * n, j.n_threads)
@@ -525,14 +527,8 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     for c in range(C):
         s1 = tot[c] if reduce else 0.0
         s2 = tot[C + c] if reduce else 0.0
-        if train:
-            finish_stats(j, c, ld(x, c), s1, s2, M, rm, rv)
-        elif fwd:
-            infer_stats(j, c, rm, rv)
-        if fwd:
-            affine_coefs(j, c, w, b, &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
-        else:
-            grad_coefs(j, c, s1, s2, M, w, &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
+        channel_coefs(j, c, train, fwd, ld(x, c), s1, s2, M, rm, rv, w, b,
+                      &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
         put_cols(x, cols, cf, c, C)
     rb = cdiv(EW_BLOCK, C)
     nr = cdiv(M, rb)
@@ -746,11 +742,3 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int n_threads):
             if length > block:
                 length = block
             memcpy(d + i * block, s + i * block, <size_t>length)
-
-
-def _set_tuning(run_bytes=None):
-    """Change traversal parameters (for benchmarks; results do not change)."""
-    global RUN_BYTES
-    if run_bytes is not None:
-        RUN_BYTES = run_bytes
-    return RUN_BYTES
