@@ -408,35 +408,27 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         k = 1
     nblk = cdiv(C, k)
 
+    # Serial calls stay out of OpenMP: even a one-thread parallel region ends
+    # in a futex system call, a measurable part of a small tensor's time.
     if reduce and (nt == 1 or nblk >= 4 * nt):
-        for blk in prange(nblk, schedule='static', num_threads=nt):
-            c0 = blk * k
-            c1 = c0 + k
-            if c1 > C:
-                c1 = C
-            for c in range(16 * c0 * nq, 16 * c1 * nq):
-                part[c] = 0.0
-            for nn in range(N):
-                q = (nn * S) // CHUNK
-                for c in range(c0, c1):
-                    shift = j.mean[c] if grad else ld(x, c * S)
-                    nchw_reduce_run(j, x, nn, c, 0, S, q, grad, shift, &part[16 * c * nq])
-            for c in range(c0, c1):
-                s1 = 0.0
-                s2 = 0.0
-                fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
-                channel_coefs(j, c, train, fwd, ld(x, c * S), s1, s2, n, rm, rv, w, b,
-                              &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2], &cf[4 * c + 3])
-            for nn in range(N):
-                nchw_ew_runs(j, x, op, nn * C + c0, nn * C + c1, cf)
+        if nt == 1:
+            for blk in range(nblk):
+                nchw_block(j, x, blk * k, (blk + 1) * k, nq, train, fwd, grad, op, part, cf,
+                           rm, rv, w, b)
+        else:
+            for blk in prange(nblk, schedule='static', num_threads=nt):
+                nchw_block(j, x, blk * k, (blk + 1) * k, nq, train, fwd, grad, op, part, cf,
+                           rm, rv, w, b)
         free(part)
         return 0
 
     if reduce:
-        for t in prange(C * nq, schedule='static', num_threads=nt):
-            c = t // nq
-            shift = j.mean[c] if grad else ld(x, c * S)
-            nchw_reduce_chunk(j, x, c, t - c * nq, grad, shift, &part[16 * c * nq])
+        if nt == 1:
+            for t in range(C * nq):
+                nchw_reduce_task(j, x, t, nq, grad, part)
+        else:
+            for t in prange(C * nq, schedule='static', num_threads=nt):
+                nchw_reduce_task(j, x, t, nq, grad, part)
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
@@ -447,16 +439,61 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     rpt = cdiv(EW_BLOCK, S)
     nr = cdiv(N * C, rpt)
     nt = team(nr, C * n, j.n_threads)
-    for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
-        # Each thread's share; after a reduction last first (see nhwc_run).
-        for u in range((tid * nr) // nt, ((tid + 1) * nr) // nt):
-            t = ((tid + 1) * nr) // nt - 1 - (u - (tid * nr) // nt) if reduce else u
-            c1 = (t + 1) * rpt
-            if c1 > N * C:
-                c1 = N * C
-            nchw_ew_runs(j, x, op, t * rpt, c1, cf)
+    if nt == 1:
+        nchw_ew_share(j, x, op, 0, 1, nr, rpt, reduce, cf)
+    else:
+        for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
+            nchw_ew_share(j, x, op, tid, nt, nr, rpt, reduce, cf)
     free(part)
     return 0
+
+
+cdef inline void nchw_block(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c1,
+                            Py_ssize_t nq, bint train, bint fwd, bint grad, int op,
+                            double* part, double* cf, param_t* rm, param_t* rv,
+                            const param_t* w, const param_t* b) noexcept nogil:
+    """Channels [c0, c1): reduce, coefficients, element-wise, while in cache."""
+    cdef Py_ssize_t N = j.N, S = j.S, c, nn, q
+    cdef double s1, s2, shift
+    if c1 > j.C:
+        c1 = j.C
+    for c in range(16 * c0 * nq, 16 * c1 * nq):
+        part[c] = 0.0
+    for nn in range(N):
+        q = (nn * S) // CHUNK
+        for c in range(c0, c1):
+            shift = j.mean[c] if grad else ld(x, c * S)
+            nchw_reduce_run(j, x, nn, c, 0, S, q, grad, shift, &part[16 * c * nq])
+    for c in range(c0, c1):
+        s1 = 0.0
+        s2 = 0.0
+        fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
+        channel_coefs(j, c, train, fwd, ld(x, c * S), s1, s2, N * S, rm, rv, w, b,
+                      &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2], &cf[4 * c + 3])
+    for nn in range(N):
+        nchw_ew_runs(j, x, op, nn * j.C + c0, nn * j.C + c1, cf)
+
+
+cdef inline void nchw_reduce_task(Job* j, const data_t* x, Py_ssize_t t, Py_ssize_t nq,
+                                  bint grad, double* part) noexcept nogil:
+    """Reduction task t: chunk t % nq of channel t // nq."""
+    cdef Py_ssize_t c = t // nq
+    cdef double shift = j.mean[c] if grad else ld(x, c * j.S)
+    nchw_reduce_chunk(j, x, c, t - c * nq, grad, shift, &part[16 * c * nq])
+
+
+cdef inline void nchw_ew_share(Job* j, const data_t* x, int op, Py_ssize_t tid, Py_ssize_t nt,
+                               Py_ssize_t nr, Py_ssize_t rpt, bint reduce,
+                               const double* cf) noexcept nogil:
+    """Thread tid's share of the nr element-wise tasks of rpt runs; after a
+    reduction last first (see nhwc_run)."""
+    cdef Py_ssize_t u, t, r1
+    for u in range((tid * nr) // nt, ((tid + 1) * nr) // nt):
+        t = ((tid + 1) * nr) // nt - 1 - (u - (tid * nr) // nt) if reduce else u
+        r1 = (t + 1) * rpt
+        if r1 > j.N * j.C:
+            r1 = j.N * j.C
+        nchw_ew_runs(j, x, op, t * rpt, r1, cf)
 
 
 # ----------------------------------------------------------------------------
@@ -511,17 +548,12 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         ctask = C if nq >= 4 * j.n_threads else CTASK
         ntile = cdiv(C, ctask)
         nt = team(nq * ntile, M * C, j.n_threads)
-        for t in prange(nq * ntile, schedule='static', num_threads=nt):
-            q = t // ntile
-            c0 = (t - q * ntile) * ctask
-            c1 = c0 + ctask
-            if c1 > C:
-                c1 = C
-            r1 = (q + 1) * R
-            if r1 > M:
-                r1 = M
-            tile_sums(x, g, C, q * R, r1, c0, c1, shift, &part[2 * q * C],
-                      &part[(2 * q + 1) * C])
+        if nt == 1:          # no OpenMP region: see nchw_run
+            for t in range(nq * ntile):
+                nhwc_reduce_task(j, x, g, t, ntile, ctask, R, shift, part)
+        else:
+            for t in prange(nq * ntile, schedule='static', num_threads=nt):
+                nhwc_reduce_task(j, x, g, t, ntile, ctask, R, shift, part)
     if reduce:
         nhwc_merge(part, nq, C, 0, C, tot, tot + C)
     for c in range(C):
@@ -533,17 +565,41 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     rb = cdiv(EW_BLOCK, C)
     nr = cdiv(M, rb)
     nt = team(nr, M * C, j.n_threads)
-    for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
-        # Each thread's share of row blocks; after a reduction last first: it
-        # just read them in order, so the most recent ones are still in cache.
-        for u in range((tid * nr) // nt, ((tid + 1) * nr) // nt):
-            t = ((tid + 1) * nr) // nt - 1 - (u - (tid * nr) // nt) if reduce else u
-            r1 = (t + 1) * rb
-            if r1 > M:
-                r1 = M
-            tile_ew(op, x, g, <data_t*>j.y, C, t * rb, r1, 0, C, cols, cf)
+    if nt == 1:
+        nhwc_ew_share(j, x, g, op, 0, 1, nr, rb, reduce, cols, cf)
+    else:
+        for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
+            nhwc_ew_share(j, x, g, op, tid, nt, nr, rb, reduce, cols, cf)
     free(part)
     return 0
+
+
+cdef inline void nhwc_reduce_task(Job* j, const data_t* x, const data_t* g, Py_ssize_t t,
+                                  Py_ssize_t ntile, Py_ssize_t ctask, Py_ssize_t R,
+                                  const double* shift, double* part) noexcept nogil:
+    """Reduction task t: channel tile t % ntile of row chunk t // ntile."""
+    cdef Py_ssize_t C = j.C, q = t // ntile
+    cdef Py_ssize_t c0 = (t - q * ntile) * ctask
+    cdef Py_ssize_t c1 = c0 + ctask, r1 = (q + 1) * R
+    if c1 > C:
+        c1 = C
+    if r1 > j.N:
+        r1 = j.N
+    tile_sums(x, g, C, q * R, r1, c0, c1, shift, &part[2 * q * C], &part[(2 * q + 1) * C])
+
+
+cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
+                               Py_ssize_t tid, Py_ssize_t nt, Py_ssize_t nr, Py_ssize_t rb,
+                               bint reduce, const void* cols, const double* cf) noexcept nogil:
+    """Thread tid's share of the nr blocks of rb rows; after a reduction last
+    first: it just read them in order, so the most recent ones are in cache."""
+    cdef Py_ssize_t u, t, r1
+    for u in range((tid * nr) // nt, ((tid + 1) * nr) // nt):
+        t = ((tid + 1) * nr) // nt - 1 - (u - (tid * nr) // nt) if reduce else u
+        r1 = (t + 1) * rb
+        if r1 > j.N:
+            r1 = j.N
+        tile_ew(op, x, g, <data_t*>j.y, j.C, t * rb, r1, 0, j.C, cols, cf)
 
 
 cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssize_t c,
