@@ -50,7 +50,7 @@ class Context:
 
     __slots__ = ("mean", "invstd", "layout", "training", "x", "weight", "weight_dtype",
                  "bias_dtype", "spatial", "shape", "dtype", "perm", "adapter", "device",
-                 "num_features")
+                 "num_features", "plain")
 
     def __repr__(self):
         return (f"Context(layout={self.layout!r}, training={self.training}, "
@@ -341,6 +341,11 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
         For any invalid argument, naming it; nothing (y, out=, stats) has
         been written when they are raised.
     """
+    if (type(x) is np.ndarray and type(eps) is float and not check_finite
+            and (training is True or training is False)):
+        hit = _forward_plain(x, weight, bias, stats, training, eps, axis, out, num_threads)
+        if hit is not None:
+            return hit
     ad, xn, axis = _check_x(x, axis)
     shape = xn.shape
     ndim = len(shape)
@@ -438,6 +443,7 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
     ctx.training = training
     # An in-place inference overwrote x: backward can still give dx, not dweight.
     ctx.x = None if in_place else xv
+    ctx.plain = False
     ctx.weight = w
     ctx.weight_dtype = wdtype
     ctx.bias_dtype = bdtype
@@ -451,6 +457,90 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
     if out is not None:
         return out, ctx
     return ad.wrap(y), ctx
+
+
+def _plain_threads(num_threads):
+    """num_threads for a plain lane, or 0 when only the general path (with its
+    error messages) may look at it."""
+    if num_threads is None:
+        return _threads.resolve(None)
+    if type(num_threads) is int and num_threads > 0:
+        return num_threads
+    return 0
+
+
+def _forward_plain(x, weight, bias, stats, training, eps, axis, out, num_threads):
+    """forward for plain numpy arguments in one kernel-module call
+    (_cpu.forward_plain), or None when the call needs the general path.
+    Nothing is written before the lane accepts the call."""
+    nt = _plain_threads(num_threads)
+    if not nt or not 0.0 < eps < math.inf:
+        return None
+    # The backend serving numpy arrays offers the lane (the CPU backend does;
+    # the test suite's CUDA emulator puts the GPU backend there, which does not).
+    lane = getattr(_dispatch.backend("cpu"), "forward_plain", None)
+    if lane is None:
+        return None
+    if stats is None:
+        if not training:
+            return None
+        hit = lane(x, out, weight, bias, None, None, 0.0, eps, True, axis, nt)
+    elif type(stats) is RunningStats and stats._adapter is _NUMPY:
+        if training:
+            lock = stats._lock
+            lock.acquire()
+            try:
+                hit = lane(x, out, weight, bias, stats._mean, stats._var,
+                           stats._next_factor(), eps, True, axis, nt)
+                if hit is not None:
+                    stats._count += 1
+            finally:
+                lock.release()
+        else:
+            hit = lane(x, out, weight, bias, stats._mean, stats._var, 0.0, eps, False, axis, nt)
+    else:
+        return None
+    if hit is None:
+        return None
+    y, mean, invstd, nhwc, C, S, in_place = hit
+    ctx = Context()
+    ctx.mean = mean
+    ctx.invstd = invstd
+    ctx.layout = NHWC if nhwc else NCHW
+    ctx.training = training
+    ctx.x = None if in_place else x          # x itself, not a kernel view: see plain
+    ctx.plain = True
+    ctx.weight = weight
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.spatial = S
+    shape = x.shape
+    ctx.shape = shape
+    ctx.dtype = x.dtype
+    ctx.perm = (_IDENT[len(shape)], True)
+    ctx.adapter = _NUMPY
+    ctx.device = "cpu"
+    ctx.num_features = C
+    return (y if out is None else out), ctx
+
+
+def _backward_plain(dy, ctx, out, num_threads):
+    """backward for a plain numpy call after a plain forward, or None."""
+    nt = _plain_threads(num_threads)
+    if not nt:
+        return None
+    lane = getattr(_dispatch.backend("cpu"), "backward_plain", None)
+    if lane is None:
+        return None
+    hit = lane(
+        ctx.x, dy, out, ctx.mean, ctx.invstd, ctx.weight, ctx.layout == NHWC,
+        ctx.num_features, ctx.spatial, ctx.training, ctx.weight_dtype is not None,
+        ctx.bias_dtype is not None, nt)
+    if hit is None:
+        return None
+    if out is not None:
+        return out, hit[1], hit[2]
+    return hit
 
 
 def _check_param_device(p, name, ad, device):
@@ -489,6 +579,11 @@ def backward(dy, ctx, *, out=None, num_threads=None, check_finite=False):
     dweight, dbias : (C,) arrays, or None where the forward had no weight /
         no bias (zeros for an empty batch).
     """
+    if (type(ctx) is Context and ctx.plain and type(dy) is np.ndarray and not check_finite
+            and ctx.x is not None):
+        hit = _backward_plain(dy, ctx, out, num_threads)
+        if hit is not None:
+            return hit
     if not isinstance(ctx, Context):
         raise TypeError(f"ctx: expected the Context returned by fastbn.forward, "
                         f"got {type(ctx).__name__}")
@@ -516,6 +611,8 @@ def backward(dy, ctx, *, out=None, num_threads=None, check_finite=False):
                                dyn if identity else dyn.transpose(perm)),
                            layout, tuple(range(dyn.ndim)), True, C, S)
     xv = ctx.x
+    if ctx.plain and xv is not None:         # the plain lane kept x itself
+        xv = _kernel_view(xv, layout, perm, identity, C, S)
     needs_x = ctx.training or ctx.weight_dtype is not None or ctx.bias_dtype is not None
     if xv is None and needs_x:
         raise ValueError("ctx: expected the context of a forward that kept x (needed for "

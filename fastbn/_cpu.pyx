@@ -671,7 +671,10 @@ cdef inline void* data_or_null(object a):
 cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weight,
                     object bias, cnp.ndarray mean, cnp.ndarray invstd, object running_mean,
                     object running_var, object dweight, object dbias, double factor,
-                    double eps, bint training, int n_threads):
+                    double eps, bint training, int n_threads, Py_ssize_t N=-1,
+                    Py_ssize_t C=0, Py_ssize_t S=0):
+    """Run one kernel; (N, C, S) given for arrays that are not kernel views
+    (the plain lanes), else read from x's shape."""
     cdef Job j
     cdef int rc
     cdef object p
@@ -682,14 +685,13 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
         if p is not None:
             j.ptype = dtype_code(<cnp.ndarray>p)
             break
-    if cnp.PyArray_NDIM(x) == 3:
-        j.N = x.shape[0]
-        j.C = x.shape[1]
-        j.S = x.shape[2]
-    else:
-        j.N = x.shape[0]
-        j.C = x.shape[1]
-        j.S = 1
+    if N < 0:               # dims from the kernel view: (N, C, S) or (M, C)
+        N = x.shape[0]
+        C = x.shape[1]
+        S = x.shape[2] if cnp.PyArray_NDIM(x) == 3 else 1
+    j.N = N
+    j.C = C
+    j.S = S
     j.x = cnp.PyArray_DATA(x)
     j.y = cnp.PyArray_DATA(y)
     j.dy = data_or_null(dy)
@@ -767,6 +769,164 @@ def backward_nhwc(x, dy, dx, mean, invstd, weight, dweight, dbias, bint training
     """Channels-last twin of backward_nchw."""
     execute(BWD_NHWC, x, dx, dy, weight, None, mean, invstd, None, None, dweight,
             dbias, 0.0, 0.0, training, n_threads)
+
+
+# ----------------------------------------------------------------------------
+# Plain lanes: the whole call for the common case of plain numpy arrays.
+#
+# _api.forward / _api.backward offer a call to these first.  They only accept:
+# exact numpy arrays, C-contiguous, aligned, native byte order, of the kernel
+# dtypes; parameters already in the parameter dtype; out= of x's shape and
+# dtype, writable, not overlapping x (or x itself for in-place inference).
+# For anything else they return None without having touched anything, and
+# _api's general path takes the call (and raises the errors, naming the
+# argument).  The checks here are pointer and flag reads: a few hundred
+# nanoseconds of numpy attribute look-ups saved per argument.
+
+cdef object _ndarray = numpy.ndarray
+
+
+cdef inline bint plain_array(object a) noexcept:
+    """An exact, C-contiguous, aligned, native-order numpy array."""
+    cdef cnp.ndarray v
+    if type(a) is not _ndarray:
+        return False
+    v = <cnp.ndarray>a
+    return (cnp.PyArray_IS_C_CONTIGUOUS(v) and cnp.PyArray_ISALIGNED(v)
+            and cnp.PyArray_ISNOTSWAPPED(v))
+
+
+cdef inline bint plain_vector(object a, int typenum, Py_ssize_t C) noexcept:
+    """None, or a plain (C,) array of typenum."""
+    if a is None:
+        return True
+    return (plain_array(a) and cnp.PyArray_NDIM(<cnp.ndarray>a) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray>a, 0) == C and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum)
+
+
+cdef inline int same_array_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
+    cdef int d
+    if cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b) or cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b):
+        return False
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIM(a, d) != cnp.PyArray_DIM(b, d):
+            return False
+    return True
+
+
+cdef inline int overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Two C-contiguous arrays of one size: 0 disjoint, 1 the same memory,
+    2 partly overlapping."""
+    cdef char* p = <char*>cnp.PyArray_DATA(a)
+    cdef char* q = <char*>cnp.PyArray_DATA(b)
+    cdef Py_ssize_t n = cnp.PyArray_NBYTES(a)
+    if p == q:
+        return 1
+    if p + n <= q or q + n <= p:
+        return 0
+    return 2
+
+
+cdef inline int param_typenum(int typenum) noexcept:
+    return cnp.NPY_FLOAT64 if typenum == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
+
+
+def forward_plain(x, out, weight, bias, running_mean, running_var, double factor,
+                  double eps, bint training, int axis, int n_threads):
+    """A plain numpy forward (see above), or None.  Returns (y, mean, invstd,
+    nhwc, C, S, in_place).  The caller has checked eps, training, the
+    RunningStats object and n_threads; running_mean / running_var are its
+    buffers (or None)."""
+    cdef cnp.ndarray xa, ya
+    cdef int nd, typenum, ov, ptype, op
+    cdef Py_ssize_t C, S, E, d
+    cdef bint nhwc, in_place = False
+    cdef cnp.npy_intp cdim[1]
+    if not plain_array(x):
+        return None
+    xa = <cnp.ndarray>x
+    nd = cnp.PyArray_NDIM(xa)
+    typenum = cnp.PyArray_TYPE(xa)
+    if nd < 2 or nd > 5 or not (typenum == cnp.NPY_FLOAT32 or typenum == cnp.NPY_FLOAT64
+                                or typenum == cnp.NPY_FLOAT16):
+        return None
+    E = cnp.PyArray_SIZE(xa)
+    if axis == 1:
+        C = cnp.PyArray_DIM(xa, 1)
+        S = 1
+        for d in range(2, nd):
+            S *= cnp.PyArray_DIM(xa, d)
+        nhwc = nd == 2 or S == 1
+    elif axis == -1 or axis == nd - 1:
+        C = cnp.PyArray_DIM(xa, nd - 1)
+        S = (E // C // cnp.PyArray_DIM(xa, 0)) if C and cnp.PyArray_DIM(xa, 0) else 0
+        nhwc = True
+    else:
+        return None
+    if E == 0 or C == 0 or (training and E // C <= 1):
+        return None
+    ptype = param_typenum(typenum)
+    if not (plain_vector(weight, ptype, C) and plain_vector(bias, ptype, C)
+            and plain_vector(running_mean, ptype, C) and plain_vector(running_var, ptype, C)):
+        return None
+    if not training and running_mean is None:
+        return None
+    if out is None:
+        ya = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), typenum, 0)
+    else:
+        if not plain_array(out):
+            return None
+        ya = <cnp.ndarray>out
+        if not (same_array_shape(xa, ya) and cnp.PyArray_ISWRITEABLE(ya)):
+            return None
+        ov = overlap(xa, ya)
+        if ov == 2 or (ov == 1 and training):
+            return None
+        in_place = ov == 1
+    cdim[0] = C
+    mean = cnp.PyArray_EMPTY(1, cdim, cnp.NPY_FLOAT64, 0)
+    invstd = cnp.PyArray_EMPTY(1, cdim, cnp.NPY_FLOAT64, 0)
+    if training:
+        op = FWD_TRAIN_NHWC if nhwc else FWD_TRAIN_NCHW
+    else:
+        op = FWD_INFER_NHWC if nhwc else FWD_INFER_NCHW
+    execute(op, xa, ya, None, weight, bias, mean, invstd, running_mean, running_var, None,
+            None, factor, eps, training, n_threads,
+            E // C if nhwc else cnp.PyArray_DIM(xa, 0), C, 1 if nhwc else S)
+    return ya, mean, invstd, nhwc, C, S, in_place
+
+
+def backward_plain(x, dy, out, mean, invstd, weight, bint nhwc, Py_ssize_t C, Py_ssize_t S,
+                   bint training, bint want_dweight, bint want_dbias, int n_threads):
+    """A plain numpy backward, or None.  x is the forward's plain input (its
+    context's), mean / invstd / weight its statistics and parameter.  Returns
+    (dx, dweight, dbias), None where not wanted."""
+    cdef cnp.ndarray xa = <cnp.ndarray>x, ga, da
+    cdef int typenum = cnp.PyArray_TYPE(xa), ptype
+    cdef cnp.npy_intp cdim[1]
+    if not plain_array(dy):
+        return None
+    ga = <cnp.ndarray>dy
+    if not same_array_shape(xa, ga):
+        return None
+    if out is None:
+        da = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), typenum, 0)
+    else:
+        if not plain_array(out):
+            return None
+        da = <cnp.ndarray>out
+        if not (same_array_shape(xa, da) and cnp.PyArray_ISWRITEABLE(da)):
+            return None
+        if overlap(da, xa) != 0 or overlap(da, ga) == 2:
+            return None
+    cdim[0] = C
+    ptype = param_typenum(typenum)
+    dweight = cnp.PyArray_EMPTY(1, cdim, ptype, 0) if want_dweight else None
+    dbias = cnp.PyArray_EMPTY(1, cdim, ptype, 0) if want_dbias else None
+    execute(BWD_NHWC if nhwc else BWD_NCHW, xa, da, ga, weight, None, mean, invstd, None,
+            None, dweight, dbias, 0.0, 0.0, training, n_threads,
+            cnp.PyArray_SIZE(xa) // C if nhwc else cnp.PyArray_DIM(xa, 0), C, 1 if nhwc else S)
+    return da, dweight, dbias
 
 
 def max_threads():
