@@ -194,7 +194,7 @@ cdef inline void tile_ew(int op, const data_t* x, const data_t* g, data_t* y, Py
                          Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
                          const void* cols, const double* cf) noexcept nogil:
     """Element-wise op (as run_ew) on rows [r0, r1) x channels [c0, c1); cols
-    holds the math-type columns hi, lo, a, b, k and cf the float64 columns
+    holds the math-type columns hi, a, bf (see put_cols) and cf the float64 columns
     mean, a, b, k, each of length C."""
     if data_t is float:
         fbn_tew_f32(op, x, g, y, C, r0, r1, c0, c1, <const float*>cols, cf)
@@ -212,17 +212,12 @@ cdef inline void set_col(const data_t* x, void* cols, Py_ssize_t i, double v) no
         (<float*>cols)[i] = <float>v
 
 
-cdef inline void set_split(const data_t* x, void* cols, Py_ssize_t i, Py_ssize_t C,
-                           double v) noexcept nogil:
-    """cols[i] = hi, cols[C + i] = lo with hi + lo = v, hi the nearest math-type value."""
-    cdef float h
+cdef inline double math_round(const data_t* x, double v) noexcept nogil:
+    """v rounded to the math type of data_t."""
     if data_t is double:
-        (<double*>cols)[i] = v
-        (<double*>cols)[C + i] = 0.0
+        return v
     else:
-        h = <float>v
-        (<float*>cols)[i] = h
-        (<float*>cols)[C + i] = <float>(v - <double>h)
+        return <double><float>v
 
 
 cdef inline int team(Py_ssize_t work, Py_ssize_t elements, int n_threads) noexcept nogil:
@@ -530,12 +525,13 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     nq = cdiv(M, R)
     # scratch: per chunk q the rows ps = part[2qC:], pq = part[(2q+1)C:];
     # float64 coefficients (mean, a, b, k) per channel, the math-type columns
-    # of the element-wise pass (hi, lo, a, b, k) and the reduction shift.
-    cdef double* part = <double*>malloc(<size_t>((2 * nq + 12) * C + 1) * sizeof(double))
+    # of the element-wise pass (hi, a, bf: at most 3C doubles), the reduction
+    # shift and the merged sums.
+    cdef double* part = <double*>malloc(<size_t>((2 * nq + 10) * C + 1) * sizeof(double))
     cdef double* cf = part + 2 * nq * C
     cdef void* cols = <void*>(cf + 4 * C)
-    cdef double* shift = cf + 9 * C
-    cdef double* tot = cf + 10 * C          # merged sums: tot[0:C], tot[C:2C]
+    cdef double* shift = cf + 7 * C
+    cdef double* tot = cf + 8 * C           # merged sums: tot[0:C], tot[C:2C]
     if part == NULL:
         return -1
     if reduce:
@@ -605,11 +601,12 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
 cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssize_t c,
                           Py_ssize_t C) noexcept nogil:
     """Channel c's float64 coefficients (mean, a, b, k columns of cf) into the
-    math-type columns (hi, lo, a, b, k) of the element-wise pass."""
-    set_split(x, cols, c, C, cf[c])
-    set_col(x, cols, 2 * C + c, cf[C + c])
-    set_col(x, cols, 3 * C + c, cf[2 * C + c])
-    set_col(x, cols, 4 * C + c, cf[3 * C + c])
+    math-type columns (hi, a, bf) of the element-wise pass: y = (x - hi) a + bf
+    with hi the mean rounded and bf = b - (mean - hi) a (as fbn_fold)."""
+    cdef double hi = math_round(x, cf[c])
+    set_col(x, cols, c, hi)
+    set_col(x, cols, C + c, cf[C + c])
+    set_col(x, cols, 2 * C + c, cf[2 * C + c] - (cf[c] - hi) * cf[C + c])
 
 
 cdef inline void nhwc_merge(const double* part, Py_ssize_t nq, Py_ssize_t C, Py_ssize_t c0,

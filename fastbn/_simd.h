@@ -12,9 +12,10 @@
  * dx = a dy) run in a "math type" M: float for float32 and float16 data (16
  * lanes, no conversion besides float16 loads and stores), double for float64
  * data.  The training dx = a dy + b (x - mean) + k cancels almost entirely for
- * small batches, so it keeps float64 lanes.  Centering uses the mean split in two, t = (x - hi) - lo with
- * hi + lo = mean (hi the nearest M), so a large mean costs no precision:
- * x - hi is exact when x is near the mean (Sterbenz).
+ * small batches, so it keeps float64 lanes.  Centering subtracts hi, the
+ * nearest M to the mean, and the rest of the mean goes into the constant:
+ * y = (x - hi) a + (b - (mean - hi) a), so a large mean costs no precision
+ * (x - hi is exact when x is near the mean, by Sterbenz).
  *
  * Tails are processed as padded vectors, so every element goes through the
  * same instruction sequence wherever it sits in a run: results do not depend
@@ -199,10 +200,14 @@ static inline double fbn_hsum(fbn_d8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-/* The mean split into math-type hi + lo. */
-static inline void fbn_split_f64(double m, double *hi, double *lo) { *hi = m; *lo = 0.0; }
-static inline void fbn_split_s16(double m, float *hi, float *lo) {
-    *hi = (float)m; *lo = (float)(m - (double)*hi);
+/* y = (x - mean) a + b as (x - hi) a + bf in the math type: hi the nearest
+ * math-type value to the mean, bf = b - (mean - hi) a rounded once (the part
+ * of the mean below hi's precision moves into the constant). */
+static inline void fbn_fold_f64(double m, double a, double b, double *hi, double *bf) {
+    *hi = m; *bf = b;
+}
+static inline void fbn_fold_s16(double m, double a, double b, float *hi, float *bf) {
+    *hi = (float)m; *bf = (float)(b - (m - (double)*hi) * a);
 }
 
 /* Channel totals from nq chunk partials of 16 lanes each (see fbn_sums):
@@ -396,14 +401,14 @@ static inline void fbn_gsums_##S(const T *x, const T *g, ptrdiff_t n,           
  * y may be x (op 0) or g (ops 1, 2): each vector is loaded before it is stored. */ \
 static inline void fbn_ew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t n,  \
                               double mean, double a, double b, double k) {        \
-    M hi, lo; fbn_split_##VS(mean, &hi, &lo);                                     \
-    const V H = SPLAT(hi), L = SPLAT(lo), A = SPLAT((M)a), B = SPLAT((M)b);       \
+    M hi, bf; fbn_fold_##VS(mean, a, b, &hi, &bf);                                \
+    const V H = SPLAT(hi), A = SPLAT((M)a), B = SPLAT(bf);                        \
     ptrdiff_t i = 0, r;                                                           \
     if (op == 0) {                                                                \
         for (; i + W <= n; i += W)                                                \
-            fbn_st_##S(y + i, ((fbn_ld_##S(x + i) - H) - L) * A + B);             \
+            fbn_st_##S(y + i, (fbn_ld_##S(x + i) - H) * A + B);                   \
         if ((r = n - i) > 0)                                                      \
-            fbn_stn_##S(y + i, r, ((fbn_ldn_##S(x + i, r, 0) - H) - L) * A + B);  \
+            fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - H) * A + B);        \
     } else if (op == 1) {                                                         \
         fbn_dx8_##S(x, g, y, n, mean, a, b, k);                                   \
     } else {                                                                      \
@@ -482,12 +487,12 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
 }                                                                                 \
                                                                                   \
 /* Element-wise over a tile, row by row (op as fbn_ew): ops 0 and 2 use the    \
- * math-type columns cols = (hi, lo, a, b, k), op 1 the float64 columns         \
+ * math-type columns cols = (hi, a, bf) of fbn_fold, op 1 the float64 columns   \
  * cf = (mean, a, b, k), each of length C. */                                    \
 static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C, \
                                ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,          \
                                ptrdiff_t c1, const M *cols, const double *cf) {   \
-    const M *hi = cols, *lo = cols + C, *a = cols + 2 * C, *b = cols + 3 * C;     \
+    const M *hi = cols, *a = cols + C, *b = cols + 2 * C;                         \
     /* Rows per coefficient load: see fbn_rstep; but one row at a time when a   \
      * math-type vector stores less than a cache line (float16: interleaving  \
      * rows of half-line stores costs more than the shared loads save). */    \
@@ -509,11 +514,11 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
             }                                                                     \
         } else if (op == 0) {                                                     \
             for (ptrdiff_t c = c0; c < c1; c += W) {                              \
-                const V hv = fbn_col_##S(hi, c, C), lv = fbn_col_##S(lo, c, C),   \
-                        av = fbn_col_##S(a, c, C), bv = fbn_col_##S(b, c, C);     \
+                const V hv = fbn_col_##S(hi, c, C), av = fbn_col_##S(a, c, C),    \
+                        bv = fbn_col_##S(b, c, C);                                \
                 for (ptrdiff_t r = rb; r < re; r++) {                             \
                     ptrdiff_t o = r * C + c;                                      \
-                    V v = ((fbn_tld_##S(x + o, c, C) - hv) - lv) * av + bv;       \
+                    V v = (fbn_tld_##S(x + o, c, C) - hv) * av + bv;              \
                     if (c + W <= C) fbn_st_##S(y + o, v); else fbn_stn_##S(y + o, C - c, v); \
                 }                                                                 \
             }                                                                     \
