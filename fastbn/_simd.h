@@ -296,6 +296,23 @@ static inline void fbn_stn8_f16(uint16_t *p, ptrdiff_t n, fbn_d8 v) {
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm_mask_storeu_epi16(p, (__mmask8)((1u << n) - 1), h);
 }
+/* Streaming (non-temporal) stores of one math vector to a 64-byte aligned
+ * (float16: 32-byte aligned) address: the line is written without being read
+ * first. */
+static inline void fbn_sst_f32(float *p, fbn_s16 v) { _mm512_stream_ps(p, (__m512)v); }
+static inline void fbn_sst_f64(double *p, fbn_d8 v) { _mm512_stream_pd(p, (__m512d)v); }
+static inline void fbn_sst_f16(uint16_t *p, fbn_s16 v) {
+    _mm256_stream_si256((__m256i *)p,
+                        _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+static inline void fbn_sfence(void) { _mm_sfence(); }
+/* Lanes below n from a, the rest from b. */
+static inline fbn_s16 fbn_blend_s16(ptrdiff_t n, fbn_s16 a, fbn_s16 b) {
+    return (fbn_s16)_mm512_mask_blend_ps((__mmask16)((1u << n) - 1), (__m512)b, (__m512)a);
+}
+static inline fbn_d8 fbn_blend_f64(ptrdiff_t n, fbn_d8 a, fbn_d8 b) {
+    return (fbn_d8)_mm512_mask_blend_pd((__mmask8)((1u << n) - 1), (__m512d)b, (__m512d)a);
+}
 #else
 #define FBN_MASKED 0
 #define fbn_ldn_f32 fbn_ldn_gen_f32
@@ -310,6 +327,10 @@ static inline void fbn_stn8_f16(uint16_t *p, ptrdiff_t n, fbn_d8 v) {
 #define fbn_stn_f16 fbn_stn_gen_f16
 #define fbn_ldn8_f16 fbn_ldn8_gen_f16
 #define fbn_stn8_f16 fbn_stn8_gen_f16
+#define fbn_sst_f32 fbn_st_f32
+#define fbn_sst_f64 fbn_st_f64
+#define fbn_sst_f16 fbn_st_f16
+static inline void fbn_sfence(void) {}
 #endif
 
 /* dx = a g + b (x - m) + k; with FOLD, m = 0 and k already holds k - b mean,
@@ -416,6 +437,57 @@ static inline void fbn_ew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t n,
             fbn_st_##S(y + i, A * fbn_ld_##S(g + i));                             \
         if ((r = n - i) > 0)                                                      \
             fbn_stn_##S(y + i, r, A * fbn_ldn_##S(g + i, r, 0));                  \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* Channels-first forward element-wise (op 0) over nr consecutive runs of n    \
+ * elements (run i has channel (c + i) mod C, coefficients cf[4 * channel]),    \
+ * one contiguous span, with streaming stores: the span is cut in aligned       \
+ * vectors regardless of run boundaries (a vector straddling one takes its     \
+ * lanes' coefficients from both runs), so every whole line of y is written    \
+ * without being read first.  Needs n >= W (one boundary per vector at most).  \
+ * The same operations per element as fbn_ew op 0: the same bits. */           \
+static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr,   \
+                                   ptrdiff_t c, ptrdiff_t C, const double *cf) {   \
+    const ptrdiff_t total = n * nr;                                               \
+    ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
+    ptrdiff_t i, r = 0, end;                                                      \
+    M hi, bf;                                                                     \
+    V H, A, B;                                                                    \
+    if (h > n) h = n;                                                             \
+    if (h > 0) fbn_ew_##S(0, x, NULL, y, h, cf[4 * c], cf[4 * c + 1], cf[4 * c + 2], 0.0); \
+    fbn_fold_##VS(cf[4 * c], cf[4 * c + 1], cf[4 * c + 2], &hi, &bf);             \
+    H = SPLAT(hi); A = SPLAT((M)cf[4 * c + 1]); B = SPLAT(bf);                    \
+    end = n;                                  /* end of run r in the span */      \
+    for (i = h; i + W <= total; i += W) {                                         \
+        V v = fbn_ld_##S(x + i);                                                  \
+        if (i + W <= end) {                                                       \
+            v = (v - H) * A + B;                                                  \
+        } else {                              /* lanes past `end`: run r + 1 */   \
+            ptrdiff_t cn = c + 1 == C ? 0 : c + 1;                                \
+            M hn, bn;                                                             \
+            fbn_fold_##VS(cf[4 * cn], cf[4 * cn + 1], cf[4 * cn + 2], &hn, &bn);  \
+            const V Hn = SPLAT(hn), An = SPLAT((M)cf[4 * cn + 1]), Bn = SPLAT(bn); \
+            const ptrdiff_t k = end - i;                                          \
+            v = (v - fbn_blend_##VS(k, H, Hn)) * fbn_blend_##VS(k, A, An)         \
+                + fbn_blend_##VS(k, B, Bn);                                       \
+            H = Hn; A = An; B = Bn; c = cn; r++; end += n;                        \
+        }                                                                         \
+        fbn_sst_##S(y + i, v);                                                    \
+        if (i + W == end) {                   /* run r ends on this vector */     \
+            c = c + 1 == C ? 0 : c + 1; r++; end += n;                            \
+            if (r < nr) {                                                         \
+                fbn_fold_##VS(cf[4 * c], cf[4 * c + 1], cf[4 * c + 2], &hi, &bf); \
+                H = SPLAT(hi); A = SPLAT((M)cf[4 * c + 1]); B = SPLAT(bf);        \
+            }                                                                     \
+        }                                                                         \
+    }                                                                             \
+    /* the tail: the rest of run r, then nothing (i > total - W) */              \
+    while (i < total) {                                                           \
+        ptrdiff_t stop = end < total ? end : total;                               \
+        fbn_ew_##S(0, x + i, NULL, y + i, stop - i, cf[4 * c], cf[4 * c + 1],     \
+                   cf[4 * c + 2], 0.0);                                           \
+        i = stop; c = c + 1 == C ? 0 : c + 1; end += n;                           \
     }                                                                             \
 }                                                                                 \
                                                                                   \
