@@ -61,6 +61,10 @@ cdef extern from "_simd.h" nogil:
     float fastbn_h2f(unsigned short h)
     void fbn_merge16(const double* part, Py_ssize_t nq, double* s1, double* s2)
     void fbn_sfence()
+    Py_ssize_t FBN_COLPAD
+    void fbn_cl_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
+    void fbn_cl_nt_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* cols)
+    void fbn_cl_nt_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     void fbn_span_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_nt_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_nt_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
@@ -209,6 +213,18 @@ cdef inline void span_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t nr
         fbn_span_nt_f64(x, y, n, nr, c, C, cf)
     else:
         fbn_span_nt_f16(x, y, n, nr, c, C, cf)
+
+
+cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t C,
+                       const void* cols) noexcept nogil:
+    """Channels-last forward element-wise over n elements of whole rows with
+    streaming stores (fbn_cl_nt)."""
+    if data_t is float:
+        fbn_cl_nt_f32(x, y, n, C, <const float*>cols)
+    elif data_t is double:
+        fbn_cl_nt_f64(x, y, n, C, <const double*>cols)
+    else:
+        fbn_cl_nt_f16(x, y, n, C, <const float*>cols)
 
 
 cdef inline void tile_sums(const data_t* x, const data_t* g, Py_ssize_t C, Py_ssize_t r0,
@@ -561,14 +577,15 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         R = MAX_ROWS
     nq = cdiv(M, R)
     # scratch: per chunk q the rows ps = part[2qC:], pq = part[(2q+1)C:];
-    # float64 coefficients (mean, a, b, k) per channel, the math-type columns
-    # of the element-wise pass (hi, a, bf: at most 3C doubles), the reduction
-    # shift and the merged sums.
-    cdef double* part = <double*>malloc(<size_t>((2 * nq + 10) * C + 1) * sizeof(double))
+    # float64 coefficients (mean, a, b, k) per channel, the reduction shift,
+    # the merged sums and the math-type columns of the element-wise pass (hi,
+    # a, bf, each C + FBN_COLPAD long: at most that many doubles each).
+    cdef double* part = <double*>malloc(
+        <size_t>((2 * nq + 10) * C + 3 * FBN_COLPAD + 1) * sizeof(double))
     cdef double* cf = part + 2 * nq * C
-    cdef void* cols = <void*>(cf + 4 * C)
-    cdef double* shift = cf + 7 * C
-    cdef double* tot = cf + 8 * C           # merged sums: tot[0:C], tot[C:2C]
+    cdef double* shift = cf + 4 * C
+    cdef double* tot = cf + 5 * C           # merged sums: tot[0:C], tot[C:2C]
+    cdef void* cols = <void*>(cf + 7 * C)
     if part == NULL:
         return -1
     if reduce:
@@ -595,6 +612,7 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         channel_coefs(j, c, train, fwd, ld(x, c), s1, s2, M, rm, rv, w, b,
                       &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
         put_cols(x, cols, cf, c, C)
+    pad_cols(x, cols, C)
     rb = cdiv(EW_BLOCK, C)
     nr = cdiv(M, rb)
     nt = team(nr, M * C, j.n_threads)
@@ -632,7 +650,13 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
         r1 = (t + 1) * rb
         if r1 > j.N:
             r1 = j.N
-        tile_ew(op, x, g, <data_t*>j.y, j.C, t * rb, r1, 0, j.C, cols, cf)
+        if op == 0 and j.stream:       # streaming stores (see Job.stream)
+            cl_nt(x + t * rb * j.C, <data_t*>j.y + t * rb * j.C, (r1 - t * rb) * j.C, j.C,
+                  cols)
+        else:
+            tile_ew(op, x, g, <data_t*>j.y, j.C, t * rb, r1, 0, j.C, cols, cf)
+    if op == 0 and j.stream:
+        fbn_sfence()
 
 
 cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssize_t c,
@@ -641,9 +665,21 @@ cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssiz
     math-type columns (hi, a, bf) of the element-wise pass: y = (x - hi) a + bf
     with hi the mean rounded and bf = b - (mean - hi) a (as fbn_fold)."""
     cdef double hi = math_round(x, cf[c])
+    cdef Py_ssize_t L = C + FBN_COLPAD
     set_col(x, cols, c, hi)
-    set_col(x, cols, C + c, cf[C + c])
-    set_col(x, cols, 2 * C + c, cf[2 * C + c] - (cf[c] - hi) * cf[C + c])
+    set_col(x, cols, L + c, cf[C + c])
+    set_col(x, cols, 2 * L + c, cf[2 * C + c] - (cf[c] - hi) * cf[C + c])
+
+
+cdef inline void pad_cols(const data_t* x, void* cols, Py_ssize_t C) noexcept nogil:
+    """The padding of each column: entry C + i repeats entry i mod C."""
+    cdef Py_ssize_t L = C + FBN_COLPAD, k, i
+    for k in range(3):
+        for i in range(C, L):
+            if data_t is double:
+                (<double*>cols)[k * L + i] = (<double*>cols)[k * L + i % C]
+            else:
+                (<float*>cols)[k * L + i] = (<float*>cols)[k * L + i % C]
 
 
 cdef inline void nhwc_merge(const double* part, Py_ssize_t nq, Py_ssize_t C, Py_ssize_t c0,

@@ -195,6 +195,12 @@ static inline ptrdiff_t fbn_rstep(ptrdiff_t row_bytes) {
     return row_bytes <= FBN_SHORT_ROW || row_bytes >= FBN_LONG_ROW ? 4 : 1;
 }
 
+/* The math-type coefficient columns of the channels-last element-wise pass
+ * are C + FBN_COLPAD long: entries past C repeat the column from its start
+ * (entry j holds channel j mod C), so a vector load at any channel offset
+ * gives the coefficients of W consecutive elements of a row block. */
+#define FBN_COLPAD 16
+
 /* Lanes summed in a fixed tree. */
 static inline double fbn_hsum(fbn_d8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -559,12 +565,13 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
 }                                                                                 \
                                                                                   \
 /* Element-wise over a tile, row by row (op as fbn_ew): ops 0 and 2 use the    \
- * math-type columns cols = (hi, a, bf) of fbn_fold, op 1 the float64 columns   \
+ * math-type columns cols = (hi, a, bf) of fbn_fold (stride C + FBN_COLPAD), op 1 \
+ * the float64 columns                                                          \
  * cf = (mean, a, b, k), each of length C. */                                    \
 static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C, \
                                ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,          \
                                ptrdiff_t c1, const M *cols, const double *cf) {   \
-    const M *hi = cols, *a = cols + C, *b = cols + 2 * C;                         \
+    const M *hi = cols, *a = cols + (C + FBN_COLPAD), *b = cols + 2 * (C + FBN_COLPAD); \
     /* Rows per coefficient load: see fbn_rstep; but one row at a time when a   \
      * math-type vector stores less than a cache line (float16: interleaving  \
      * rows of half-line stores costs more than the shared loads save). */    \
@@ -605,7 +612,41 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
             }                                                                     \
         }                                                                         \
     }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* Channels-last forward element-wise (op 0) over the n elements of a block of \
+ * whole rows (n a multiple of C, the block starting at a row) with streaming    \
+ * stores: aligned vectors, coefficients loaded at each vector's channel        \
+ * offset from the padded columns.  The same operations per element as          \
+ * fbn_tew op 0: the same bits. */                                              \
+static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,      \
+                                 const M *cols) {                                 \
+    const ptrdiff_t L = C + FBN_COLPAD;                                           \
+    const M *hi = cols, *a = cols + L, *b = cols + 2 * L;                         \
+    ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
+    ptrdiff_t i = 0, c = 0, r;                                                    \
+    V hv, av, bv;                                                                 \
+    if (h > n) h = n;                                                             \
+    while (i < h) {                       /* head, at most W elements a step */   \
+        r = h - i < W ? h - i : W;                                                \
+        memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
+        memcpy(&bv, b + c, sizeof(V));                                            \
+        fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - hv) * av + bv);         \
+        i += r; c = (c + r) % C;                                                  \
+    }                                                                             \
+    for (; i + W <= n; i += W) {                                                  \
+        memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
+        memcpy(&bv, b + c, sizeof(V));                                            \
+        fbn_sst_##S(y + i, (fbn_ld_##S(x + i) - hv) * av + bv);                   \
+        c += W; if (c >= C) c = c >= 2 * C ? c % C : c - C;                       \
+    }                                                                             \
+    if ((r = n - i) > 0) {                                                        \
+        memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
+        memcpy(&bv, b + c, sizeof(V));                                            \
+        fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - hv) * av + bv);         \
+    }                                                                             \
 }
+
 
 FBN_FAMILY(float, f32, float, fbn_s16, 16, s16, fbn_splat_s, FBN_NOCVT, 1)
 FBN_FAMILY(uint16_t, f16, float, fbn_s16, 16, s16, fbn_splat_s, fastbn_h2f, 1)

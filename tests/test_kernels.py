@@ -134,18 +134,22 @@ STREAM_BYTES = 16 << 20     # fastbn/_cpu.pyx FASTBN_STREAM_BYTES
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("S", [32, 33, 49, 196, 1000])
+@pytest.mark.parametrize("layout,S,C", [("nchw", 32, 7), ("nchw", 33, 7), ("nchw", 49, 7),
+                                        ("nchw", 196, 7), ("nchw", 1000, 7),
+                                        ("nhwc", 9, 5), ("nhwc", 9, 16), ("nhwc", 4, 37),
+                                        ("nhwc", 2, 256), ("nhwc", 1, 2051)])
 @pytest.mark.parametrize("misalign", [0, 1, 3], ids=lambda m: f"shift{m}")
-def test_streamed_output_has_the_same_bits(rng, dtype, S, misalign):
-    """Outputs of 16 MiB or more are written by the streaming span writer
-    (aligned vectors across run boundaries); each element must get the bits
-    the ordinary per-run path gives.  Inference is element-wise, so the same
-    call on small slices of the batch (below the threshold) is the control.
-    misalign shifts y off the 64-byte grid by that many elements."""
+def test_streamed_output_has_the_same_bits(rng, dtype, layout, S, C, misalign):
+    """Outputs of 16 MiB or more are written by the streaming writers (aligned
+    vectors across run or row boundaries); each element must get the bits the
+    ordinary path gives.  Inference is element-wise, so the same call on small
+    slices of the batch (below the threshold) is the control.  misalign
+    shifts y off the 64-byte grid by that many elements."""
     dtype = np.dtype(dtype)
-    C = 7
     N = STREAM_BYTES // (C * S * dtype.itemsize) + 1
-    x = make_x(rng, (N, C, S), dtype, offset=1.5)
+    shape = (N, C, S) if layout == "nchw" else (N, S, C)
+    axis = 1 if layout == "nchw" else -1
+    x = make_x(rng, shape, dtype, offset=1.5)
     stats = fastbn.RunningStats(C, dtype=param_dtype(dtype))
     stats.mean[...] = rng.standard_normal(C)
     stats.var[...] = rng.uniform(0.5, 2, C)
@@ -155,23 +159,26 @@ def test_streamed_output_has_the_same_bits(rng, dtype, S, misalign):
     y = buf[misalign:misalign + x.size].reshape(x.shape)
     for nt in (1, 2):
         y[...] = 0
-        fastbn.forward(x, w, b, stats, training=False, out=y, num_threads=nt)
+        _, ctx = fastbn.forward(x, w, b, stats, training=False, out=y, num_threads=nt,
+                                axis=axis)
+        assert ctx.layout == layout
         step = max(1, (1 << 20) // (C * S * dtype.itemsize))
         for n0 in range(0, N, step):
-            part, _ = fastbn.forward(x[n0:n0 + step], w, b, stats, training=False)
+            part, _ = fastbn.forward(x[n0:n0 + step], w, b, stats, training=False, axis=axis)
             np.testing.assert_array_equal(y[n0:n0 + step], part)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
-def test_streamed_training_forward_matches_reference(rng, dtype):
+@pytest.mark.parametrize("axis", [1, -1])
+def test_streamed_training_forward_matches_reference(rng, dtype, axis):
     dtype = np.dtype(dtype)
     C, S = 5, 49
     N = STREAM_BYTES // (C * S * dtype.itemsize) + 3
-    x = make_x(rng, (N, C, S), dtype, offset=-2.0)
+    x = make_x(rng, (N, C, S) if axis == 1 else (N, S, C), dtype, offset=-2.0)
     w = rng.uniform(0.5, 2, C).astype(param_dtype(dtype))
     b = rng.standard_normal(C).astype(param_dtype(dtype))
-    ys = [fastbn.forward(x, w, b, num_threads=nt)[0] for nt in (1, 2)]
+    ys = [fastbn.forward(x, w, b, num_threads=nt, axis=axis)[0] for nt in (1, 2)]
     np.testing.assert_array_equal(ys[0], ys[1])
-    ref = R.forward(x, w, b, np.zeros(C), np.ones(C))
+    ref = R.forward(x, w, b, np.zeros(C), np.ones(C), axis=axis)
     assert_close(ys[0], ref.y, dtype, "y")
