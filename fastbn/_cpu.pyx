@@ -62,6 +62,9 @@ cdef extern from "_simd.h" nogil:
     void fbn_merge16(const double* part, Py_ssize_t nq, double* s1, double* s2)
     void fbn_sfence()
     Py_ssize_t FBN_COLPAD
+    void fbn_span_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
+    void fbn_span_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
+    void fbn_span_dx_nt_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_cl_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     void fbn_cl_nt_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* cols)
     void fbn_cl_nt_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
@@ -213,6 +216,19 @@ cdef inline void span_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t nr
         fbn_span_nt_f64(x, y, n, nr, c, C, cf)
     else:
         fbn_span_nt_f16(x, y, n, nr, c, C, cf)
+
+
+cdef inline void span_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssize_t n,
+                            Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C,
+                            const double* cf) noexcept nogil:
+    """Training dx over nr consecutive runs of n with streaming stores
+    (fbn_span_dx_nt)."""
+    if data_t is float:
+        fbn_span_dx_nt_f32(x, g, y, n, nr, c, C, cf)
+    elif data_t is double:
+        fbn_span_dx_nt_f64(x, g, y, n, nr, c, C, cf)
+    else:
+        fbn_span_dx_nt_f16(x, g, y, n, nr, c, C, cf)
 
 
 cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t C,
@@ -413,9 +429,13 @@ cdef inline void nchw_ew_runs(Job* j, const data_t* x, int op, Py_ssize_t r0, Py
     channel r % C); cf holds 4 coefficients per channel."""
     cdef Py_ssize_t r, off
     cdef Py_ssize_t c = r0 % j.C
-    if op == 0 and j.stream and j.S >= SPAN_MIN:
+    if j.stream and j.S >= SPAN_MIN and op != 2:
         # one span, streaming stores (see Job.stream)
-        span_nt(x + r0 * j.S, <data_t*>j.y + r0 * j.S, j.S, r1 - r0, c, j.C, cf)
+        if op == 0:
+            span_nt(x + r0 * j.S, <data_t*>j.y + r0 * j.S, j.S, r1 - r0, c, j.C, cf)
+        else:
+            span_dx_nt(x + r0 * j.S, <const data_t*>j.dy + r0 * j.S, <data_t*>j.y + r0 * j.S,
+                       j.S, r1 - r0, c, j.C, cf)
         fbn_sfence()
         return
     for r in range(r0, r1):
@@ -721,6 +741,18 @@ cdef int run_job(Job* j) noexcept nogil:
     return run_typed(j, <const half_t*>x, <double*>NULL)
 
 
+cdef Py_ssize_t stream_bytes = FASTBN_STREAM_BYTES
+
+
+def _set_stream_bytes(Py_ssize_t nbytes):
+    """Set the output size from which stores stream; returns the old one.
+    For the tests, which check that both kinds of store give the same bits."""
+    global stream_bytes
+    old = stream_bytes
+    stream_bytes = nbytes
+    return old
+
+
 cdef int dtype_code(cnp.ndarray a) except -1:
     cdef int t = cnp.PyArray_TYPE(a)
     if t == cnp.NPY_FLOAT32:
@@ -783,7 +815,7 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     # saves a third of the pass's memory traffic (measured: training forward
     # 256x256x14x14 float32 6.2 -> 5.3 ms on one core; a 6 MiB y was 13%
     # slower streamed).  Smaller outputs stay in cache for their next reader.
-    j.stream = cnp.PyArray_NBYTES(y) >= FASTBN_STREAM_BYTES
+    j.stream = cnp.PyArray_NBYTES(y) >= stream_bytes
     if j.N * j.C * j.S == 0:
         return None
     with nogil:

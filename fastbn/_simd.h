@@ -312,6 +312,14 @@ static inline void fbn_sst_f16(uint16_t *p, fbn_s16 v) {
                         _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 static inline void fbn_sfence(void) { _mm_sfence(); }
+/* Streaming stores of 8 float64 lanes as 8 storage elements, to an address
+ * aligned to their size (32, 64 or 16 bytes). */
+static inline void fbn_sst8_f32(float *p, fbn_d8 v) { _mm256_stream_ps(p, (__m256)fbn_d8_to_f8(v)); }
+static inline void fbn_sst8_f64(double *p, fbn_d8 v) { _mm512_stream_pd(p, (__m512d)v); }
+static inline void fbn_sst8_f16(uint16_t *p, fbn_d8 v) {
+    _mm_stream_si128((__m128i *)p, _mm256_cvtps_ph((__m256)fbn_d8_to_f8(v),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 /* Lanes below n from a, the rest from b. */
 static inline fbn_s16 fbn_blend_s16(ptrdiff_t n, fbn_s16 a, fbn_s16 b) {
     return (fbn_s16)_mm512_mask_blend_ps((__mmask16)((1u << n) - 1), (__m512)b, (__m512)a);
@@ -336,6 +344,9 @@ static inline fbn_d8 fbn_blend_f64(ptrdiff_t n, fbn_d8 a, fbn_d8 b) {
 #define fbn_sst_f32 fbn_st_f32
 #define fbn_sst_f64 fbn_st_f64
 #define fbn_sst_f16 fbn_st_f16
+#define fbn_sst8_f32 fbn_st8_f32
+#define fbn_sst8_f64 fbn_st8_f64
+#define fbn_sst8_f16 fbn_st8_f16
 static inline void fbn_sfence(void) {}
 #endif
 
@@ -493,6 +504,51 @@ static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr, 
         ptrdiff_t stop = end < total ? end : total;                               \
         fbn_ew_##S(0, x + i, NULL, y + i, stop - i, cf[4 * c], cf[4 * c + 1],     \
                    cf[4 * c + 2], 0.0);                                           \
+        i = stop; c = c + 1 == C ? 0 : c + 1; end += n;                           \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* Channels-first training dx (op 1, float64 lanes as fbn_dx8) over nr         \
+ * consecutive runs of n >= 8 elements, as fbn_span_nt: aligned 8-element      \
+ * vectors across run boundaries, streaming stores.  The same bits as fbn_dx8. */ \
+static inline void fbn_coef_dx_##S(const double *cf, fbn_d8 *m, fbn_d8 *A,        \
+                                   fbn_d8 *B, fbn_d8 *K) {                        \
+    *m = fbn_splat_d(FOLD ? 0.0 : cf[0]); *A = fbn_splat_d(cf[1]);                \
+    *B = fbn_splat_d(cf[2]); *K = fbn_splat_d(FOLD ? cf[3] - cf[2] * cf[0] : cf[3]); \
+}                                                                                 \
+static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  \
+                                      ptrdiff_t nr, ptrdiff_t c, ptrdiff_t C,     \
+                                      const double *cf) {                         \
+    const ptrdiff_t total = n * nr, vb = 8 * (ptrdiff_t)sizeof(T);                \
+    ptrdiff_t h = (ptrdiff_t)((vb - ((uintptr_t)y & (uintptr_t)(vb - 1))) & (uintptr_t)(vb - 1)) \
+                  / (ptrdiff_t)sizeof(T);                                         \
+    ptrdiff_t i, r = 0, end = n;                                                  \
+    fbn_d8 m, A, B, K;                                                            \
+    if (h > 0) fbn_dx8_##S(x, g, y, h, cf[4 * c], cf[4 * c + 1], cf[4 * c + 2], cf[4 * c + 3]); \
+    fbn_coef_dx_##S(cf + 4 * c, &m, &A, &B, &K);                                  \
+    for (i = h; i + 8 <= total; i += 8) {                                         \
+        fbn_d8 xv = fbn_ld8_##S(x + i), gv = fbn_ld8_##S(g + i), v;               \
+        if (i + 8 <= end) {                                                       \
+            v = FBN_DX(FOLD, A, gv, B, xv, m, K);                                 \
+        } else {                              /* lanes past `end`: run r + 1 */   \
+            ptrdiff_t cn = c + 1 == C ? 0 : c + 1, k = end - i;                   \
+            fbn_d8 mn, An, Bn, Kn;                                                \
+            fbn_coef_dx_##S(cf + 4 * cn, &mn, &An, &Bn, &Kn);                     \
+            m = fbn_blend_f64(k, m, mn); A = fbn_blend_f64(k, A, An);             \
+            B = fbn_blend_f64(k, B, Bn); K = fbn_blend_f64(k, K, Kn);             \
+            v = FBN_DX(FOLD, A, gv, B, xv, m, K);                                 \
+            m = mn; A = An; B = Bn; K = Kn; c = cn; r++; end += n;                \
+        }                                                                         \
+        fbn_sst8_##S(y + i, v);                                                   \
+        if (i + 8 == end) {                   /* run r ends on this vector */     \
+            c = c + 1 == C ? 0 : c + 1; r++; end += n;                            \
+            if (r < nr) fbn_coef_dx_##S(cf + 4 * c, &m, &A, &B, &K);              \
+        }                                                                         \
+    }                                                                             \
+    while (i < total) {                       /* the tail, run by run */          \
+        ptrdiff_t stop = end < total ? end : total;                               \
+        fbn_dx8_##S(x + i, g + i, y + i, stop - i, cf[4 * c], cf[4 * c + 1],      \
+                    cf[4 * c + 2], cf[4 * c + 3]);                                \
         i = stop; c = c + 1 == C ? 0 : c + 1; end += n;                           \
     }                                                                             \
 }                                                                                 \
