@@ -61,7 +61,11 @@ cdef extern from "_simd.h" nogil:
     float fastbn_h2f(unsigned short h)
     void fbn_merge16(const double* part, Py_ssize_t nq, double* s1, double* s2)
     void fbn_sfence()
+    double fbn_fold_k(double k, double b, double m)
     Py_ssize_t FBN_COLPAD
+    void fbn_cl_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
+    void fbn_cl_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
+    void fbn_cl_dx_nt_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_span_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_dx_nt_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
@@ -103,6 +107,10 @@ DEF EW_BLOCK = 16384
 DEF RUN_BYTES = 131072
 # Channels-last: channel tiles of the reduction tasks.
 DEF CTASK = 256
+# Channels-last training dx streams only while its four padded float64
+# coefficient columns fit in L1 (with 2048 channels, 66 KiB, it was 4-7%
+# slower than the ordinary row-step loop; 1024 channels: even).
+DEF STREAM_DX_COLS = 32768
 # Channels-first runs at least this long go through the streaming span writer
 # (fbn_span_nt: a vector crosses at most one run boundary, and the aligned
 # head fits in the first run for every dtype).
@@ -229,6 +237,18 @@ cdef inline void span_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssiz
         fbn_span_dx_nt_f64(x, g, y, n, nr, c, C, cf)
     else:
         fbn_span_dx_nt_f16(x, g, y, n, nr, c, C, cf)
+
+
+cdef inline void cl_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssize_t n,
+                          Py_ssize_t C, const double* dcols) noexcept nogil:
+    """Channels-last training dx over n elements of whole rows with streaming
+    stores (fbn_cl_dx_nt)."""
+    if data_t is float:
+        fbn_cl_dx_nt_f32(x, g, y, n, C, dcols)
+    elif data_t is double:
+        fbn_cl_dx_nt_f64(x, g, y, n, C, dcols)
+    else:
+        fbn_cl_dx_nt_f16(x, g, y, n, C, dcols)
 
 
 cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t C,
@@ -600,12 +620,14 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     # float64 coefficients (mean, a, b, k) per channel, the reduction shift,
     # the merged sums and the math-type columns of the element-wise pass (hi,
     # a, bf, each C + FBN_COLPAD long: at most that many doubles each).
+    # Streamed training dx: its float64 columns, padded as cols (dcols).
     cdef double* part = <double*>malloc(
-        <size_t>((2 * nq + 10) * C + 3 * FBN_COLPAD + 1) * sizeof(double))
+        <size_t>((2 * nq + 14) * C + 7 * FBN_COLPAD + 1) * sizeof(double))
     cdef double* cf = part + 2 * nq * C
     cdef double* shift = cf + 4 * C
     cdef double* tot = cf + 5 * C           # merged sums: tot[0:C], tot[C:2C]
     cdef void* cols = <void*>(cf + 7 * C)
+    cdef double* dcols = cf + 10 * C + 3 * FBN_COLPAD
     if part == NULL:
         return -1
     if reduce:
@@ -633,14 +655,16 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
                       &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
         put_cols(x, cols, cf, c, C)
     pad_cols(x, cols, C)
+    if op == 1:
+        fold_dx_cols(j, cf, dcols, C)
     rb = cdiv(EW_BLOCK, C)
     nr = cdiv(M, rb)
     nt = team(nr, M * C, j.n_threads)
     if nt == 1:
-        nhwc_ew_share(j, x, g, op, 0, 1, nr, rb, reduce, cols, cf)
+        nhwc_ew_share(j, x, g, op, 0, 1, nr, rb, reduce, cols, cf, dcols)
     else:
         for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
-            nhwc_ew_share(j, x, g, op, tid, nt, nr, rb, reduce, cols, cf)
+            nhwc_ew_share(j, x, g, op, tid, nt, nr, rb, reduce, cols, cf, dcols)
     free(part)
     return 0
 
@@ -661,7 +685,8 @@ cdef inline void nhwc_reduce_task(Job* j, const data_t* x, const data_t* g, Py_s
 
 cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
                                Py_ssize_t tid, Py_ssize_t nt, Py_ssize_t nr, Py_ssize_t rb,
-                               bint reduce, const void* cols, const double* cf) noexcept nogil:
+                               bint reduce, const void* cols, const double* cf,
+                               const double* dcols) noexcept nogil:
     """Thread tid's share of the nr blocks of rb rows; after a reduction last
     first: it just read them in order, so the most recent ones are in cache."""
     cdef Py_ssize_t u, t, r1
@@ -673,9 +698,12 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
         if op == 0 and j.stream:       # streaming stores (see Job.stream)
             cl_nt(x + t * rb * j.C, <data_t*>j.y + t * rb * j.C, (r1 - t * rb) * j.C, j.C,
                   cols)
+        elif op == 1 and j.stream and 32 * (j.C + FBN_COLPAD) <= STREAM_DX_COLS:
+            cl_dx_nt(x + t * rb * j.C, g + t * rb * j.C, <data_t*>j.y + t * rb * j.C,
+                     (r1 - t * rb) * j.C, j.C, dcols)
         else:
             tile_ew(op, x, g, <data_t*>j.y, j.C, t * rb, r1, 0, j.C, cols, cf)
-    if op == 0 and j.stream:
+    if op != 2 and j.stream:
         fbn_sfence()
 
 
@@ -689,6 +717,22 @@ cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssiz
     set_col(x, cols, c, hi)
     set_col(x, cols, L + c, cf[C + c])
     set_col(x, cols, 2 * L + c, cf[2 * C + c] - (cf[c] - hi) * cf[C + c])
+
+
+cdef inline void fold_dx_cols(Job* j, double* cf, double* dcols, Py_ssize_t C) noexcept nogil:
+    """Training dx columns (mean, a, b, k of cf) as fbn_tew op 1 wants them: for
+    float32 / float16 data k folded with the mean (fbn_fold_k) and the mean 0,
+    as fbn_dx8 does; and, for the streamed dx (fbn_cl_dx_nt), their padded
+    copy dcols (stride C + FBN_COLPAD)."""
+    cdef Py_ssize_t L = C + FBN_COLPAD, i, k
+    if j.xtype != DT_F64:
+        for i in range(C):
+            cf[3 * C + i] = fbn_fold_k(cf[3 * C + i], cf[2 * C + i], cf[i])
+            cf[i] = 0.0
+    if j.stream and 32 * L <= STREAM_DX_COLS:
+        for k in range(4):
+            for i in range(L):
+                dcols[k * L + i] = cf[k * C + i % C]
 
 
 cdef inline void pad_cols(const data_t* x, void* cols, Py_ssize_t C) noexcept nogil:

@@ -33,6 +33,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 typedef double fbn_d8 __attribute__((vector_size(64)));
 typedef float fbn_f8 __attribute__((vector_size(32)));
@@ -350,6 +351,10 @@ static inline fbn_d8 fbn_blend_f64(ptrdiff_t n, fbn_d8 a, fbn_d8 b) {
 static inline void fbn_sfence(void) {}
 #endif
 
+/* k - b m with one rounding, the folded constant of the float32 / float16
+ * training dx (the same bits wherever it is computed). */
+static inline double fbn_fold_k(double k, double b, double m) { return fma(-b, m, k); }
+
 /* dx = a g + b (x - m) + k; with FOLD, m = 0 and k already holds k - b mean,
  * and the subtraction is left out. */
 #define FBN_DX(FOLD, A, G, B, X, M, K) \
@@ -370,7 +375,7 @@ static inline void fbn_sfence(void) {}
 static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,         \
                                double mean, double a, double b, double k) {       \
     const fbn_d8 m = fbn_splat_d(FOLD ? 0.0 : mean), A = fbn_splat_d(a),          \
-                 B = fbn_splat_d(b), K = fbn_splat_d(FOLD ? k - b * mean : k);    \
+                 B = fbn_splat_d(b), K = fbn_splat_d(FOLD ? fbn_fold_k(k, b, mean) : k);    \
     ptrdiff_t i = 0, r;                                                           \
     for (; i + 8 <= n; i += 8)                                                    \
         fbn_st8_##S(y + i, FBN_DX(FOLD, A, fbn_ld8_##S(g + i), B, fbn_ld8_##S(x + i), m, K)); \
@@ -514,7 +519,7 @@ static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr, 
 static inline void fbn_coef_dx_##S(const double *cf, fbn_d8 *m, fbn_d8 *A,        \
                                    fbn_d8 *B, fbn_d8 *K) {                        \
     *m = fbn_splat_d(FOLD ? 0.0 : cf[0]); *A = fbn_splat_d(cf[1]);                \
-    *B = fbn_splat_d(cf[2]); *K = fbn_splat_d(FOLD ? cf[3] - cf[2] * cf[0] : cf[3]); \
+    *B = fbn_splat_d(cf[2]); *K = fbn_splat_d(FOLD ? fbn_fold_k(cf[3], cf[2], cf[0]) : cf[3]); \
 }                                                                                 \
 static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  \
                                       ptrdiff_t nr, ptrdiff_t c, ptrdiff_t C,     \
@@ -622,7 +627,8 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
                                                                                   \
 /* Element-wise over a tile, row by row (op as fbn_ew): ops 0 and 2 use the    \
  * math-type columns cols = (hi, a, bf) of fbn_fold (stride C + FBN_COLPAD), op 1 \
- * the float64 columns                                                          \
+ * the float64 columns (FOLD: already folded, 0 and fbn_fold_k in place of the  \
+ * mean and k)                                                                  \
  * cf = (mean, a, b, k), each of length C. */                                    \
 static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C, \
                                ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,          \
@@ -637,9 +643,8 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
         ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                         \
         if (op == 1) {                                                            \
             for (ptrdiff_t c = c0; c < c1; c += 8) {                              \
-                fbn_d8 mv = fbn_col8(cf, c, C), av = fbn_col8(cf + C, c, C),      \
+                const fbn_d8 mv = fbn_col8(cf, c, C), av = fbn_col8(cf + C, c, C), \
                     bv = fbn_col8(cf + 2 * C, c, C), kv = fbn_col8(cf + 3 * C, c, C); \
-                if (FOLD) { kv = kv - bv * mv; mv = fbn_splat_d(0.0); }           \
                 for (ptrdiff_t r = rb; r < re; r++) {                             \
                     ptrdiff_t o = r * C + c;                                      \
                     fbn_d8 v = FBN_DX(FOLD, av, fbn_tld8_##S(g + o, c, C), bv,          \
@@ -701,7 +706,38 @@ static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,    
         memcpy(&bv, b + c, sizeof(V));                                            \
         fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - hv) * av + bv);         \
     }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* Channels-last training dx (op 1, float64 lanes) over the n elements of a    \
+ * block of whole rows, with streaming stores: aligned 8-element vectors,       \
+ * coefficients loaded at each vector's channel offset from dcols, the four     \
+ * float64 columns of fbn_tew op 1 padded (stride C + FBN_COLPAD).  The same    \
+ * bits as fbn_tew op 1. */                                                     \
+static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
+                                    ptrdiff_t C, const double *dcols) {           \
+    const ptrdiff_t L = C + FBN_COLPAD, vb = 8 * (ptrdiff_t)sizeof(T);            \
+    ptrdiff_t h = (ptrdiff_t)((vb - ((uintptr_t)y & (uintptr_t)(vb - 1))) & (uintptr_t)(vb - 1)) \
+                  / (ptrdiff_t)sizeof(T);                                         \
+    ptrdiff_t i = 0, c = 0, r;                                                    \
+    if (h > n) h = n;                                                             \
+    for (;;) {                                                                    \
+        const fbn_d8 m = fbn_ld_f64(dcols + c), A = fbn_ld_f64(dcols + L + c),    \
+            B = fbn_ld_f64(dcols + 2 * L + c), K = fbn_ld_f64(dcols + 3 * L + c); \
+        if (i < h || i + 8 > n) {             /* head and tail: ordinary stores */ \
+            if (i >= n) break;                                                    \
+            r = i < h ? h - i : n - i;                                            \
+            if (r > 8) r = 8;                                                     \
+            fbn_stn8_##S(y + i, r, FBN_DX(FOLD, A, fbn_ldn8_##S(g + i, r, 0), B,  \
+                                          fbn_ldn8_##S(x + i, r, 0), m, K));      \
+        } else {                                                                  \
+            r = 8;                                                                \
+            fbn_sst8_##S(y + i, FBN_DX(FOLD, A, fbn_ld8_##S(g + i), B,            \
+                                       fbn_ld8_##S(x + i), m, K));                \
+        }                                                                         \
+        i += r; c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;               \
+    }                                                                             \
 }
+
 
 
 FBN_FAMILY(float, f32, float, fbn_s16, 16, s16, fbn_splat_s, FBN_NOCVT, 1)

@@ -202,6 +202,7 @@ def stream_threshold():
     ((2, 6, 5, 5), 1), ((4, 3, 2, 2), 1),              # runs shorter than the span minimum
     ((6, 5, 3, 7), -1), ((4, 3, 3, 16), -1), ((3, 2, 2, 37), -1), ((40, 3), 1),
     ((64, 16, 8, 8), 1), ((64, 8, 8, 16), -1),          # several blocks / row blocks
+    ((2, 3, 1100), -1),                                 # dx coefficients past L1: no stream
 ])
 @pytest.mark.parametrize("misalign", [0, 1, 5], ids=lambda m: f"shift{m}")
 def test_streaming_and_ordinary_stores_give_the_same_bits(rng, stream_threshold, dtype,
