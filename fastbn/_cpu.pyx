@@ -4,7 +4,8 @@
 #   "nchw": x is a C-contiguous (N, C, S) array, S = product of the spatial dims;
 #   "nhwc": x is a C-contiguous (M, C) array, M = N * spatial.
 # _api.py resolves a caller's array into one of these views; nothing here knows
-# about frameworks, axes or strides.
+# about frameworks, axes or strides, except the plain lanes (forward_plain,
+# backward_plain), which take whole numpy calls of the common kind.
 #
 # Determinism: every reduction is split into chunks whose boundaries depend only
 # on the shape (never on the thread count).  Each chunk's partial sums start from
@@ -15,12 +16,15 @@
 # element of the channel.  The shift keeps the sums well conditioned when the
 # mean is large compared with the spread (1e4 + N(0, 1) data), and float64
 # accumulation keeps float32 and float16 inputs exact to their own precision.
-# All element-wise arithmetic is done in float64 and rounded once on store.
+# Element-wise passes: see _simd.h (float32 math for float32 / float16 data,
+# float64 lanes for the training dx).  Outputs of FASTBN_STREAM_BYTES or more
+# are written with streaming stores (execute).
 #
 # The Python-facing functions take numpy arrays (or None) and read raw data
 # pointers: typed memoryviews and fused `def` dispatch cost microseconds per
 # call, which is most of the budget for a small tensor.  _api.py has already
-# checked shapes, dtypes, contiguity and writability.
+# checked shapes, dtypes, contiguity and writability.  Serial calls never enter
+# an OpenMP region (a one-thread region still ends in a futex system call).
 
 cimport numpy as cnp
 from cython.parallel cimport prange
