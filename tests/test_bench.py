@@ -6,6 +6,7 @@ import math
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 from fastbn import bench
@@ -118,3 +119,17 @@ def test_asv_suite_runs_once_on_cpu(name):
             cls().setup(*gpu)
         except NotImplementedError:
             pass                        # skipped, as asv would report it
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["memcpy", "streaming"])
+@pytest.mark.parametrize("n,shift", [(1, 0), (63, 1), (4097, 3), ((3 << 20) + 77, 5)])
+def test_parallel_copy_copies_exactly(stream, n, shift):
+    """The copy floor of the benchmarks (both kinds) copies every byte, at any
+    alignment and length, across the 1 MiB blocks its threads share."""
+    from fastbn import _cpu
+
+    src = np.random.default_rng(n).integers(0, 256, n + shift, dtype=np.uint8)[shift:]
+    for threads in (1, 2):
+        dst = np.zeros(n + 64, np.uint8)[7:7 + n]
+        _cpu.parallel_copy(src, dst, threads, stream)
+        np.testing.assert_array_equal(dst, src)
