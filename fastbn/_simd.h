@@ -473,16 +473,19 @@ static inline void fbn_gsums_##S(const T *x, const T *g, ptrdiff_t n,           
  * y may be x (op 0) or g (ops 1, 2): each vector is loaded before it is stored. */ \
 static inline void fbn_ew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t n,  \
                               double mean, double a, double b, double k) {        \
-    M hi, bf; fbn_fold_##VS(mean, a, b, &hi, &bf);                                \
-    const V H = SPLAT(hi), A = SPLAT((M)a), B = SPLAT(bf);                        \
     ptrdiff_t i = 0, r;                                                           \
+    if (op == 1) {                                                                \
+        fbn_dx8_##S(x, g, y, n, mean, a, b, k);                                   \
+        return;                                                                   \
+    }                                                                             \
+    const V A = SPLAT((M)a);                                                      \
     if (op == 0) {                                                                \
+        M hi, bf; fbn_fold_##VS(mean, a, b, &hi, &bf);                            \
+        const V H = SPLAT(hi), B = SPLAT(bf);                                     \
         for (; i + W <= n; i += W)                                                \
             fbn_st_##S(y + i, (fbn_ld_##S(x + i) - H) * A + B);                   \
         if ((r = n - i) > 0)                                                      \
             fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - H) * A + B);        \
-    } else if (op == 1) {                                                         \
-        fbn_dx8_##S(x, g, y, n, mean, a, b, k);                                   \
     } else {                                                                      \
         for (; i + W <= n; i += W)                                                \
             fbn_st_##S(y + i, A * fbn_ld_##S(g + i));                             \
