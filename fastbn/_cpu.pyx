@@ -482,8 +482,8 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef bint reduce = train or (grad and (j.training or j.dweight != NULL or j.dbias != NULL))
     cdef int op = 0 if fwd else (1 if j.training else 2)
     cdef int nt = team(C * nq, C * n, j.n_threads)
-    cdef Py_ssize_t k, nblk, blk, c0, c1, c, t, u, nn, q, rpt, nr, tid
-    cdef double s1, s2, shift
+    cdef Py_ssize_t k, nblk, blk, c, t, rpt, nr, tid
+    cdef double s1, s2
     cdef param_t* rm = <param_t*>j.running_mean
     cdef param_t* rv = <param_t*>j.running_var
     cdef const param_t* w = <const param_t*>j.weight
@@ -603,8 +603,7 @@ cdef inline void nchw_ew_share(Job* j, const data_t* x, int op, Py_ssize_t tid, 
 cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef Py_ssize_t M = j.N, C = j.C
     cdef Py_ssize_t R = cdiv(NHWC_CHUNK, C)
-    cdef Py_ssize_t nq, ntile, ctask, c0, c1, c, q, t, u, r1, rb, nr, tid
-    cdef Py_ssize_t itemsize = 8 if j.xtype == DT_F64 else (4 if j.xtype == DT_F32 else 2)
+    cdef Py_ssize_t nq, ntile, ctask, c, t, rb, nr, tid
     cdef bint fwd = j.op != BWD_NHWC
     cdef bint train = j.op == FWD_TRAIN_NHWC
     cdef bint grad = not fwd
