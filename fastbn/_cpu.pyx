@@ -67,6 +67,8 @@ cdef extern from "_simd.h" nogil:
     void fbn_sfence()
     void fbn_stream_copy(char* d, const char* s, size_t n)
     void fbn_copy_fence()
+    unsigned long long fbn_read_all(const char* s, size_t n)
+    void fbn_fill(char* d, size_t n, int stream)
     double fbn_fold_k(double k, double b, double m)
     Py_ssize_t FBN_COLPAD
     void fbn_cl_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
@@ -1122,3 +1124,43 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int n_threads, bint stream=F
                 fbn_copy_fence()
             else:
                 memcpy(d + i * block, s + i * block, <size_t>length)
+
+
+def parallel_read(cnp.ndarray src, int n_threads):
+    """Read every byte of a C-contiguous array, split over threads (the read
+    floor of tools/floors.py); returns an XOR of its words."""
+    cdef const char* s = <const char*>cnp.PyArray_DATA(src)
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(src)
+    cdef Py_ssize_t block = 1 << 20
+    cdef Py_ssize_t nblocks = (nbytes + block - 1) // block
+    cdef Py_ssize_t i, length
+    cdef unsigned long long acc = 0
+    if n_threads < 1:
+        n_threads = 1
+    with nogil:
+        for i in prange(nblocks, schedule='static', num_threads=n_threads):
+            length = nbytes - i * block
+            if length > block:
+                length = block
+            acc ^= fbn_read_all(s + i * block, <size_t>length)
+    return acc
+
+
+def parallel_fill(cnp.ndarray dst, int n_threads, bint stream=False):
+    """Zero a C-contiguous array, split over threads, with streaming stores or
+    memset (the write floor of tools/floors.py)."""
+    cdef char* d = <char*>cnp.PyArray_DATA(dst)
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(dst)
+    cdef Py_ssize_t block = 1 << 20
+    cdef Py_ssize_t nblocks = (nbytes + block - 1) // block
+    cdef Py_ssize_t i, length
+    if n_threads < 1:
+        n_threads = 1
+    with nogil:
+        for i in prange(nblocks, schedule='static', num_threads=n_threads):
+            length = nbytes - i * block
+            if length > block:
+                length = block
+            fbn_fill(d + i * block, <size_t>length, stream)
+            if stream:
+                fbn_copy_fence()

@@ -159,6 +159,38 @@ static inline void fbn_stream_copy(char *d, const char *s, size_t n) { memcpy(d,
 static inline void fbn_copy_fence(void) {}
 #endif
 
+/* The other two floors of tools/floors.py: a read of every line (an XOR of
+ * 64-bit words, which the compiler vectorises; returned so that it is not
+ * optimised away) and a fill, with streaming stores or memset. */
+static inline uint64_t fbn_read_all(const char *s, size_t n) {
+    uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, w[8];
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        memcpy(w, s + i, 64);
+        for (int k = 0; k < 8; k++) acc[k] ^= w[k];
+    }
+    for (; i < n; i++) acc[0] ^= (uint8_t)s[i];
+    return acc[0] ^ acc[1] ^ acc[2] ^ acc[3] ^ acc[4] ^ acc[5] ^ acc[6] ^ acc[7];
+}
+static inline void fbn_fill(char *d, size_t n, int stream) {
+    if (!stream) { memset(d, 0, n); return; }
+#if defined(__SSE2__)
+    size_t h = (64 - ((uintptr_t)d & 63)) & 63, i;
+    if (h > n) h = n;
+    memset(d, 0, h);
+    const __m128i z = _mm_setzero_si128();
+    for (i = h; i + 64 <= n; i += 64) {
+        _mm_stream_si128((__m128i *)(d + i), z);
+        _mm_stream_si128((__m128i *)(d + i + 16), z);
+        _mm_stream_si128((__m128i *)(d + i + 32), z);
+        _mm_stream_si128((__m128i *)(d + i + 48), z);
+    }
+    memset(d + i, 0, n - i);
+#else
+    memset(d, 0, n);
+#endif
+}
+
 /* ---- per-type vector loads and stores ------------------------------------ */
 static inline fbn_d8 fbn_ld_f64(const double *p) { fbn_d8 v; memcpy(&v, p, 64); return v; }
 static inline void fbn_st_f64(double *p, fbn_d8 v) { memcpy(p, &v, 64); }

@@ -133,3 +133,19 @@ def test_parallel_copy_copies_exactly(stream, n, shift):
         dst = np.zeros(n + 64, np.uint8)[7:7 + n]
         _cpu.parallel_copy(src, dst, threads, stream)
         np.testing.assert_array_equal(dst, src)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["memset", "streaming"])
+def test_parallel_read_and_fill(stream):
+    """The read and write floors of tools/floors.py touch every byte."""
+    from fastbn import _cpu
+
+    a = np.random.default_rng(3).integers(0, 256, (3 << 20) + 77, dtype=np.uint8)
+    body = a[:a.size // 64 * 64]          # whole lines: the XOR of every 64-bit word
+    assert _cpu.parallel_read(body, 2) == int(np.bitwise_xor.reduce(body.view(np.uint64)))
+    assert _cpu.parallel_read(a, 1) == _cpu.parallel_read(a, 2)
+    dst = np.full(a.size + 9, 7, np.uint8)
+    for threads in (1, 2):
+        dst[...] = 7
+        _cpu.parallel_fill(dst[5:-4], threads, stream)
+        assert not dst[5:-4].any() and (dst[:5] == 7).all() and (dst[-4:] == 7).all()

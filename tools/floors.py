@@ -1,9 +1,11 @@
 """What the memory system gives one batch-norm-sized tensor, next to fastbn.
 
-Times, interleaved round-robin (medians), a plain read of x, a plain write of y,
-memcpy, a streaming-store copy (the benchmarks' floor) and fastbn's training
-forward and backward in both layouts, all on the same float32 data.  These are
-the numbers behind the bounds in BENCHMARKS.md ("Why the misses").
+Times, interleaved round-robin (medians) on the same float32 data: a read of x, a
+write of y (memset, and with streaming stores), memcpy, a streaming-store copy
+(the benchmarks' floor), and fastbn's training forward and backward in both
+layouts.  Then fastbn's arithmetic alone: the same calls on a 1/64 slice of the
+batch, which stays in cache, times 64.  These are the numbers behind
+BENCHMARKS.md ("Why the misses").
 
     python tools/floors.py [--shape 256x256x14x14] [--threads 1] [--repeat 15]
 """
@@ -37,8 +39,9 @@ def main():
     _, ctx_cf = fastbn.forward(x.reshape(shape), w, b)
     _, ctx_cl = fastbn.forward(x.reshape(cl), w, b, axis=-1)
     calls = {
-        "read x (x.sum())": lambda: x.sum(),
-        "write y (y.fill(1.0))": lambda: y.fill(1.0),
+        "read x": lambda: _cpu.parallel_read(x, nt),
+        "write y (memset)": lambda: _cpu.parallel_fill(y, nt),
+        "write y (streaming)": lambda: _cpu.parallel_fill(y, nt, True),
         "memcpy x -> y": lambda: _cpu.parallel_copy(x, y, nt),
         "streaming copy x -> y (floor)": lambda: _cpu.parallel_copy(x, y, nt, True),
         "training forward NCHW": lambda: fastbn.forward(
@@ -50,6 +53,30 @@ def main():
         "backward NHWC": lambda: fastbn.backward(
             dy.reshape(cl), ctx_cl, out=dx.reshape(cl), num_threads=nt),
     }
+    # The arithmetic alone: a 1/64 slice of the batch (in cache), times 64.
+    k = 64
+    n_small = max(2, shape[0] // k)
+    scale = shape[0] / n_small
+    sh, sl = (n_small, *shape[1:]), (n_small, *cl[1:])
+    m = int(np.prod(sh))
+    xs, ys, dys, dxs = x[:m].copy(), y[:m].copy(), dy[:m].copy(), dx[:m].copy()
+    _, sctx_cf = fastbn.forward(xs.reshape(sh), w, b)
+    _, sctx_cl = fastbn.forward(xs.reshape(sl), w, b, axis=-1)
+    small = {
+        "in cache x%g: training forward NCHW" % scale: lambda: fastbn.forward(
+            xs.reshape(sh), w, b, stats, out=ys.reshape(sh), num_threads=nt),
+        "in cache x%g: training forward NHWC" % scale: lambda: fastbn.forward(
+            xs.reshape(sl), w, b, stats, axis=-1, out=ys.reshape(sl), num_threads=nt),
+        "in cache x%g: inference NCHW" % scale: lambda: fastbn.forward(
+            xs.reshape(sh), w, b, stats, training=False, out=ys.reshape(sh), num_threads=nt),
+        "in cache x%g: backward NCHW" % scale: lambda: fastbn.backward(
+            dys.reshape(sh), sctx_cf, out=dxs.reshape(sh), num_threads=nt),
+        "in cache x%g: backward NHWC" % scale: lambda: fastbn.backward(
+            dys.reshape(sl), sctx_cl, out=dxs.reshape(sl), num_threads=nt),
+    }
+    for name, call in small.items():
+        calls[name] = (lambda call=call: [call() for _ in range(k)])
+    factor = {name: scale / k if name in small else 1.0 for name in calls}
     times = {name: [] for name in calls}
     for call in calls.values():
         call()
@@ -61,7 +88,7 @@ def main():
     print(f"{opts.shape} float32 ({x.nbytes / 1e6:.1f} MB), {nt} thread(s), "
           f"medians of {opts.repeat}")
     for name, v in times.items():
-        print(f"  {name:32s} {statistics.median(v) * 1e3:7.2f} ms")
+        print(f"  {name:40s} {statistics.median(v) * factor[name] * 1e3:7.2f} ms")
 
 
 if __name__ == "__main__":
