@@ -14,6 +14,7 @@ from .conftest import make_x
 CASES = [
     ((2, 2, 180, 180), 1),     # C below the thread count: (channel, chunk) tasks
     ((4, 64, 20, 20), 1),      # enough channels: per-channel path
+    ((3, 257, 9, 13), 1),      # channel blocks staggered per thread, odd C
     ((3, 1, 250, 250), 1),     # C = 1
     ((50, 20, 20, 37), -1),    # channels-last, many row chunks
     ((4, 9, 9, 700), -1),      # channels-last, two channel blocks
