@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from . import _dispatch, _threads
+from ._cpu import backward_plain as _cpu_backward_plain
 from ._stats import RunningStats
 
 _NUMPY = _dispatch.adapter(np.empty(0))
@@ -525,14 +526,13 @@ def _forward_plain(x, weight, bias, stats, training, eps, axis, out, num_threads
 
 
 def _backward_plain(dy, ctx, out, num_threads):
-    """backward for a plain numpy call after a plain forward, or None."""
-    nt = _plain_threads(num_threads)
+    """backward for a plain numpy call after a plain forward, or None.  Only the
+    CPU backend's forward lane makes plain contexts, so its backward lane pairs
+    with them (looked up once, not per call)."""
+    nt = _threads.resolve(None) if num_threads is None else _plain_threads(num_threads)
     if not nt:
         return None
-    lane = getattr(_dispatch.backend("cpu"), "backward_plain", None)
-    if lane is None:
-        return None
-    hit = lane(
+    hit = _cpu_backward_plain(
         ctx.x, dy, out, ctx.mean, ctx.invstd, ctx.weight, ctx.layout == NHWC,
         ctx.num_features, ctx.spatial, ctx.training, ctx.weight_dtype is not None,
         ctx.bias_dtype is not None, nt)

@@ -44,7 +44,7 @@ def _pair(rng, shape, axis, dtype, affine, training, with_out):
         dxo = np.full_like(x, 9) if with_out else None
         y, ctx = fastbn.forward(x, w, b, stats, training=training, axis=axis, out=out,
                                 check_finite=general)
-        assert ctx.plain is (not general)
+        assert bool(ctx.plain) is (not general)
         dx, dw, db = fastbn.backward(dy, ctx, out=dxo, check_finite=general)
         if with_out:
             assert y is out and dx is dxo
