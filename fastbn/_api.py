@@ -528,8 +528,8 @@ def _forward_plain(x, weight, bias, stats, training, eps, axis, out, num_threads
 def _backward_plain(dy, ctx, out, num_threads):
     """backward for a plain numpy call after a plain forward, or None.  Only the
     CPU backend's forward lane makes plain contexts, so its backward lane pairs
-    with them (looked up once, not per call)."""
-    nt = _threads.resolve(None) if num_threads is None else _plain_threads(num_threads)
+    with them (imported once, not looked up per call)."""
+    nt = _plain_threads(num_threads)
     if not nt:
         return None
     hit = _cpu_backward_plain(

@@ -70,6 +70,7 @@ cdef extern from "_simd.h" nogil:
     unsigned long long fbn_read_all(const char* s, size_t n)
     void fbn_fill(char* d, size_t n, int stream)
     double fbn_fold_k(double k, double b, double m)
+    void fbn_fold_s16(double m, double a, double b, float* hi, float* bf)
     Py_ssize_t FBN_COLPAD
     void fbn_cl_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
@@ -302,14 +303,6 @@ cdef inline void set_col(const data_t* x, void* cols, Py_ssize_t i, double v) no
         (<double*>cols)[i] = v
     else:
         (<float*>cols)[i] = <float>v
-
-
-cdef inline double math_round(const data_t* x, double v) noexcept nogil:
-    """v rounded to the math type of data_t."""
-    if data_t is double:
-        return v
-    else:
-        return <double><float>v
 
 
 cdef inline int team(Py_ssize_t work, Py_ssize_t elements, int n_threads) noexcept nogil:
@@ -739,11 +732,16 @@ cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssiz
     """Channel c's float64 coefficients (mean, a, b, k columns of cf) into the
     math-type columns (hi, a, bf) of the element-wise pass: y = (x - hi) a + bf
     with hi the mean rounded and bf = b - (mean - hi) a (as fbn_fold)."""
-    cdef double hi = math_round(x, cf[c])
     cdef Py_ssize_t L = C + FBN_COLPAD
-    set_col(x, cols, c, hi)
+    cdef float hi, bf
+    if data_t is double:                # float64 math: the mean and bias as they are
+        set_col(x, cols, c, cf[c])
+        set_col(x, cols, 2 * L + c, cf[2 * C + c])
+    else:
+        fbn_fold_s16(cf[c], cf[C + c], cf[2 * C + c], &hi, &bf)
+        set_col(x, cols, c, hi)
+        set_col(x, cols, 2 * L + c, bf)
     set_col(x, cols, L + c, cf[C + c])
-    set_col(x, cols, 2 * L + c, cf[2 * C + c] - (cf[c] - hi) * cf[C + c])
 
 
 cdef inline void fold_dx_cols(Job* j, double* cf, double* dcols, Py_ssize_t C) noexcept nogil:
@@ -1119,68 +1117,64 @@ def openmp_enabled():
     return bool(FASTBN_OPENMP)
 
 
+cdef enum:
+    BYTES_COPY = 0
+    BYTES_READ = 1
+    BYTES_FILL = 2
+
+
+cdef unsigned long long byte_blocks(int kind, char* d, const char* s, Py_ssize_t nbytes,
+                                    int n_threads, bint stream) noexcept nogil:
+    """The memory floors, in 1 MiB blocks shared out over threads: copy s to d
+    (memcpy or streaming stores), read s (returns an XOR of its words), or zero
+    d (memset or streaming stores)."""
+    cdef Py_ssize_t block = 1 << 20
+    cdef Py_ssize_t i, o, length
+    cdef unsigned long long acc = 0
+    if n_threads < 1:
+        n_threads = 1
+    for i in prange((nbytes + block - 1) // block, schedule='static', num_threads=n_threads):
+        o = i * block
+        length = nbytes - o if nbytes - o < block else block
+        if kind == BYTES_READ:
+            acc ^= fbn_read_all(s + o, <size_t>length)
+        elif kind == BYTES_COPY and not stream:
+            memcpy(d + o, s + o, <size_t>length)
+        elif kind == BYTES_COPY:
+            fbn_stream_copy(d + o, s + o, <size_t>length)
+        else:
+            fbn_fill(d + o, <size_t>length, stream)
+        if stream:
+            fbn_copy_fence()
+    return acc
+
+
 def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int n_threads, bint stream=False):
     """dst[...] = src for C-contiguous arrays of equal size, split over threads:
     the memory-bandwidth floor the benchmarks compare against.  stream: write
     dst's whole cache lines with streaming stores (no read for ownership) rather
     than with memcpy; the floor is the faster of the two."""
-    cdef char* s = <char*>cnp.PyArray_DATA(src)
-    cdef char* d = <char*>cnp.PyArray_DATA(dst)
     cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(src)
-    cdef Py_ssize_t block = 1 << 20
-    cdef Py_ssize_t nblocks = (nbytes + block - 1) // block
-    cdef Py_ssize_t i, length
     if cnp.PyArray_NBYTES(dst) != nbytes:
         raise ValueError("parallel_copy: src and dst differ in size")
-    if n_threads < 1:
-        n_threads = 1
     with nogil:
-        for i in prange(nblocks, schedule='static', num_threads=n_threads):
-            length = nbytes - i * block
-            if length > block:
-                length = block
-            if stream:
-                fbn_stream_copy(d + i * block, s + i * block, <size_t>length)
-                fbn_copy_fence()
-            else:
-                memcpy(d + i * block, s + i * block, <size_t>length)
+        byte_blocks(BYTES_COPY, <char*>cnp.PyArray_DATA(dst), <const char*>cnp.PyArray_DATA(src),
+                    nbytes, n_threads, stream)
 
 
 def parallel_read(cnp.ndarray src, int n_threads):
     """Read every byte of a C-contiguous array, split over threads (the read
     floor of tools/floors.py); returns an XOR of its words."""
-    cdef const char* s = <const char*>cnp.PyArray_DATA(src)
-    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(src)
-    cdef Py_ssize_t block = 1 << 20
-    cdef Py_ssize_t nblocks = (nbytes + block - 1) // block
-    cdef Py_ssize_t i, length
-    cdef unsigned long long acc = 0
-    if n_threads < 1:
-        n_threads = 1
+    cdef unsigned long long acc
     with nogil:
-        for i in prange(nblocks, schedule='static', num_threads=n_threads):
-            length = nbytes - i * block
-            if length > block:
-                length = block
-            acc ^= fbn_read_all(s + i * block, <size_t>length)
+        acc = byte_blocks(BYTES_READ, NULL, <const char*>cnp.PyArray_DATA(src),
+                          cnp.PyArray_NBYTES(src), n_threads, False)
     return acc
 
 
 def parallel_fill(cnp.ndarray dst, int n_threads, bint stream=False):
     """Zero a C-contiguous array, split over threads, with streaming stores or
     memset (the write floor of tools/floors.py)."""
-    cdef char* d = <char*>cnp.PyArray_DATA(dst)
-    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(dst)
-    cdef Py_ssize_t block = 1 << 20
-    cdef Py_ssize_t nblocks = (nbytes + block - 1) // block
-    cdef Py_ssize_t i, length
-    if n_threads < 1:
-        n_threads = 1
     with nogil:
-        for i in prange(nblocks, schedule='static', num_threads=n_threads):
-            length = nbytes - i * block
-            if length > block:
-                length = block
-            fbn_fill(d + i * block, <size_t>length, stream)
-            if stream:
-                fbn_copy_fence()
+        byte_blocks(BYTES_FILL, <char*>cnp.PyArray_DATA(dst), NULL, cnp.PyArray_NBYTES(dst),
+                    n_threads, stream)
