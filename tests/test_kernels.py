@@ -203,6 +203,8 @@ def stream_threshold():
     ((6, 5, 3, 7), -1), ((4, 3, 3, 16), -1), ((3, 2, 2, 37), -1), ((40, 3), 1),
     ((64, 16, 8, 8), 1), ((64, 8, 8, 16), -1),          # several blocks / row blocks
     ((2, 3, 1100), -1),                                 # dx coefficients past L1: no stream
+    ((3, 100, 250), -1),        # 1000-byte float32 rows: four rows a step below the
+                                # threshold (in cache), one at a time above
 ])
 @pytest.mark.parametrize("misalign", [0, 1, 5], ids=lambda m: f"shift{m}")
 def test_streaming_and_ordinary_stores_give_the_same_bits(rng, stream_threshold, dtype,
@@ -210,7 +212,8 @@ def test_streaming_and_ordinary_stores_give_the_same_bits(rng, stream_threshold,
     """Every kernel that can stream its output (forward element-wise, training
     dx) gives the same bits with streaming stores (threshold 0) as with
     ordinary ones (threshold out of reach), for y and dx at any alignment,
-    run lengths below and above the span writers' minimum, 1 and 2 threads."""
+    run lengths below and above the span writers' minimum, 1 and 2 threads.
+    The threshold also sets the channels-last row step (fbn_rstep)."""
     dtype = np.dtype(dtype)
     C = shape[axis]
     x = make_x(rng, shape, dtype, offset=0.75)

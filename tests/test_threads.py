@@ -13,6 +13,8 @@ from .conftest import make_x
 
 CASES = [
     ((2, 2, 180, 180), 1),     # C below the thread count: (channel, chunk) tasks
+    ((40, 2, 15, 30), 1),      # and many samples per chunk: one thread's channel
+                               # blocks (samples four at a time) vs tasks
     ((4, 64, 20, 20), 1),      # enough channels: per-channel path
     ((3, 257, 9, 13), 1),      # channel blocks staggered per thread, odd C
     ((3, 1, 250, 250), 1),     # C = 1
