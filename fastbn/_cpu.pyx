@@ -1193,8 +1193,9 @@ def parallel_read(cnp.ndarray src, int n_threads):
 
 
 def parallel_fill(cnp.ndarray dst, int n_threads, bint stream=False):
-    """Zero a C-contiguous array, split over threads, with streaming stores or
-    memset (the write floor of tools/floors.py)."""
+    """Fill a C-contiguous array with the byte 0x5a, split over threads, with
+    streaming stores or memset (the write floor of tools/floors.py; not zeros,
+    which this VM writes faster than any real output: see fbn_fill)."""
     with nogil:
         byte_blocks(BYTES_FILL, <char*>cnp.PyArray_DATA(dst), NULL, cnp.PyArray_NBYTES(dst),
                     n_threads, stream)

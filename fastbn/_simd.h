@@ -161,7 +161,11 @@ static inline void fbn_copy_fence(void) {}
 
 /* The other two floors of tools/floors.py: a read of every line (an XOR of
  * 64-bit words, which the compiler vectorises; returned so that it is not
- * optimised away) and a fill, with streaming stores or memset. */
+ * optimised away) and a fill, with streaming stores or memset.  The fill
+ * writes a non-zero byte: on this project's dev VM, streamed lines of zeros
+ * reach memory 2.9x faster than any other data (51 MB: 0.63 ms against
+ * 1.81 ms for a non-zero constant or varying data), a floor no output gets. */
+#define FBN_FILL_BYTE 0x5a
 static inline uint64_t fbn_read_all(const char *s, size_t n) {
     uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, w[8];
     size_t i = 0;
@@ -173,21 +177,21 @@ static inline uint64_t fbn_read_all(const char *s, size_t n) {
     return acc[0] ^ acc[1] ^ acc[2] ^ acc[3] ^ acc[4] ^ acc[5] ^ acc[6] ^ acc[7];
 }
 static inline void fbn_fill(char *d, size_t n, int stream) {
-    if (!stream) { memset(d, 0, n); return; }
+    if (!stream) { memset(d, FBN_FILL_BYTE, n); return; }
 #if defined(__SSE2__)
     size_t h = (64 - ((uintptr_t)d & 63)) & 63, i;
     if (h > n) h = n;
-    memset(d, 0, h);
-    const __m128i z = _mm_setzero_si128();
+    memset(d, FBN_FILL_BYTE, h);
+    const __m128i z = _mm_set1_epi8(FBN_FILL_BYTE);
     for (i = h; i + 64 <= n; i += 64) {
         _mm_stream_si128((__m128i *)(d + i), z);
         _mm_stream_si128((__m128i *)(d + i + 16), z);
         _mm_stream_si128((__m128i *)(d + i + 32), z);
         _mm_stream_si128((__m128i *)(d + i + 48), z);
     }
-    memset(d + i, 0, n - i);
+    memset(d + i, FBN_FILL_BYTE, n - i);
 #else
-    memset(d, 0, n);
+    memset(d, FBN_FILL_BYTE, n);
 #endif
 }
 

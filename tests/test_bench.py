@@ -148,4 +148,4 @@ def test_parallel_read_and_fill(stream):
     for threads in (1, 2):
         dst[...] = 7
         _cpu.parallel_fill(dst[5:-4], threads, stream)
-        assert not dst[5:-4].any() and (dst[:5] == 7).all() and (dst[-4:] == 7).all()
+        assert (dst[5:-4] == 0x5a).all() and (dst[:5] == 7).all() and (dst[-4:] == 7).all()
