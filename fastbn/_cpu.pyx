@@ -115,9 +115,11 @@ DEF EW_BLOCK = 16384
 # contiguous bytes (the prefetchers need a few KiB to stream).
 DEF RUN_BYTES = 131072
 # Channels-first blocks are reduced a few samples at a time (channel c of
-# samples n..n+3, then channel c + 1), so that STREAMS address streams run at
-# once (backward: two samples of x and dy) and the prefetchers ramp up on the
-# next samples' spans while the current ones are summed.
+# samples n..n+3, then channel c + 1): STREAMS address streams at once
+# (backward: two samples of x and of dy) rather than one per sample span, and
+# each channel's partial sums stay hot across its runs.  Measured at 1 thread:
+# 64x2048x7x7 training forward 21 % faster, 256x256x14x14 6-9 %; 8 streams
+# were 15-33 % slower than 4.
 DEF STREAMS = 4
 # Channels-last: channel tiles of the reduction tasks.
 DEF CTASK = 256
@@ -178,7 +180,7 @@ ctypedef struct Job:
     int training                      # backward: through batch statistics?
     int n_threads
     int stream                        # write y with streaming stores (see execute)
-    int cached                        # x (and dy) fit in cache (see execute)
+    int cached                        # x, y (and dy) fit in cache (see execute)
 
 
 # ----------------------------------------------------------------------------
