@@ -1014,6 +1014,19 @@ cdef inline int same_array_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
+cdef inline object plain_out(object out, cnp.ndarray xa):
+    """A plain lane's output: a new array like xa when out is None, out itself
+    when it is a writeable plain array of xa's shape and dtype, else None (the
+    lane declines)."""
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa),
+                                 cnp.PyArray_TYPE(xa), 0)
+    if (plain_array(out) and same_array_shape(xa, <cnp.ndarray>out)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)):
+        return out
+    return None
+
+
 cdef inline int overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
     """Two C-contiguous arrays of one size: 0 disjoint, 1 the same memory,
     2 partly overlapping."""
@@ -1038,6 +1051,7 @@ def forward_plain(x, out, weight, bias, running_mean, running_var, double factor
     RunningStats object and n_threads; running_mean / running_var are its
     buffers (or None)."""
     cdef cnp.ndarray xa, ya
+    cdef object o
     cdef int nd, typenum, ov, ptype, op
     cdef Py_ssize_t C, S, E, d
     cdef bint nhwc, in_place = False
@@ -1071,14 +1085,11 @@ def forward_plain(x, out, weight, bias, running_mean, running_var, double factor
         return None
     if not training and running_mean is None:
         return None
-    if out is None:
-        ya = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), typenum, 0)
-    else:
-        if not plain_array(out):
-            return None
-        ya = <cnp.ndarray>out
-        if not (same_array_shape(xa, ya) and cnp.PyArray_ISWRITEABLE(ya)):
-            return None
+    o = plain_out(out, xa)
+    if o is None:
+        return None
+    ya = <cnp.ndarray>o
+    if out is not None:
         ov = overlap(xa, ya)
         if ov == 2 or (ov == 1 and training):
             return None
@@ -1102,6 +1113,7 @@ def backward_plain(x, dy, out, mean, invstd, weight, bint nhwc, Py_ssize_t C, Py
     context's), mean / invstd / weight its statistics and parameter.  Returns
     (dx, dweight, dbias), None where not wanted."""
     cdef cnp.ndarray xa = <cnp.ndarray>x, ga, da
+    cdef object o
     cdef int typenum = cnp.PyArray_TYPE(xa), ptype
     cdef cnp.npy_intp cdim[1]
     if not plain_array(dy):
@@ -1109,14 +1121,11 @@ def backward_plain(x, dy, out, mean, invstd, weight, bint nhwc, Py_ssize_t C, Py
     ga = <cnp.ndarray>dy
     if not same_array_shape(xa, ga):
         return None
-    if out is None:
-        da = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), typenum, 0)
-    else:
-        if not plain_array(out):
-            return None
-        da = <cnp.ndarray>out
-        if not (same_array_shape(xa, da) and cnp.PyArray_ISWRITEABLE(da)):
-            return None
+    o = plain_out(out, xa)
+    if o is None:
+        return None
+    da = <cnp.ndarray>o
+    if out is not None:
         if overlap(da, xa) != 0 or overlap(da, ga) == 2:
             return None
     cdim[0] = C
