@@ -87,17 +87,17 @@ cdef extern from "_simd.h" nogil:
     void fbn_sums_f32(const float* x, Py_ssize_t n, double shift, float fill, double* acc)
     void fbn_gsums_f32(const float* x, const float* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t n, double mean, double a, double b, double k)
-    void fbn_tsums_f32(const float* x, const float* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq, int cached)
+    void fbn_tsums_f32(const float* x, const float* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
     void fbn_tew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols, const double* cf, int cached)
     void fbn_sums_f64(const double* x, Py_ssize_t n, double shift, double fill, double* acc)
     void fbn_gsums_f64(const double* x, const double* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f64(int op, const double* x, const double* g, double* y, Py_ssize_t n, double mean, double a, double b, double k)
-    void fbn_tsums_f64(const double* x, const double* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq, int cached)
+    void fbn_tsums_f64(const double* x, const double* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
     void fbn_tew_f64(int op, const double* x, const double* g, double* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* cols, const double* cf, int cached)
     void fbn_sums_f16(const unsigned short* x, Py_ssize_t n, double shift, unsigned short fill, double* acc)
     void fbn_gsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, double mean, double a, double b, double k)
-    void fbn_tsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq, int cached)
+    void fbn_tsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
     void fbn_tew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols, const double* cf, int cached)
 
 # Elements per statistics chunk of one channel (channels-first) and the least
@@ -282,13 +282,13 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t C,
 
 cdef inline void tile_sums(const data_t* x, const data_t* g, Py_ssize_t C, Py_ssize_t r0,
                            Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift,
-                           double* ps, double* pq, int cached) noexcept nogil:
+                           double* ps, double* pq) noexcept nogil:
     if data_t is float:
-        fbn_tsums_f32(x, g, C, r0, r1, c0, c1, shift, ps, pq, cached)
+        fbn_tsums_f32(x, g, C, r0, r1, c0, c1, shift, ps, pq)
     elif data_t is double:
-        fbn_tsums_f64(x, g, C, r0, r1, c0, c1, shift, ps, pq, cached)
+        fbn_tsums_f64(x, g, C, r0, r1, c0, c1, shift, ps, pq)
     else:
-        fbn_tsums_f16(x, g, C, r0, r1, c0, c1, shift, ps, pq, cached)
+        fbn_tsums_f16(x, g, C, r0, r1, c0, c1, shift, ps, pq)
 
 
 cdef inline void tile_ew(int op, const data_t* x, const data_t* g, data_t* y, Py_ssize_t C,
@@ -716,8 +716,7 @@ cdef inline void nhwc_reduce_task(Job* j, const data_t* x, const data_t* g, Py_s
         c1 = C
     if r1 > j.N:
         r1 = j.N
-    tile_sums(x, g, C, q * R, r1, c0, c1, shift, &part[2 * q * C], &part[(2 * q + 1) * C],
-              j.cached)
+    tile_sums(x, g, C, q * R, r1, c0, c1, shift, &part[2 * q * C], &part[(2 * q + 1) * C])
 
 
 cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,

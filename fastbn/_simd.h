@@ -246,18 +246,15 @@ static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
 #define FBN_ROW_TILE 64
 #endif
 
-/* Channels-last rows per step of the row loops.  Four rows share each load of
- * the per-channel sums or coefficients when they span at most 1 KiB (short
- * rows), lie in pages of their own (long rows), which the prefetchers follow
- * as separate streams, or come from cache (`cached`: the caller's tensors fit
- * in L3).  Rows in between, four of which interleave inside one page, go one
- * at a time from DRAM: interleaved so, a read of 512 B or 1 KiB rows runs
- * 2.5-3x slower than in memory order (256 B rows: as fast), with or without
- * software prefetch.  With 512 B rows one at a time, float32 C = 128
- * statistics from DRAM take 3.6 ms instead of 5.2, the backward of
- * 128x128x28x28 26 % less; 384 B rows are a draw (forward 10 % slower,
- * backward 8-10 % faster).  From cache, four at a time is 25-33 % faster
- * (statistics of 1-16 MiB of 1 KiB rows). */
+/* Channels-last rows per step of the element-wise row loops (fbn_tew; the
+ * sums take rows in parts instead, fbn_ways).  Four rows share each load of
+ * the coefficients when they span at most 256 B (short rows), lie in pages of
+ * their own (long rows), which the prefetchers follow as separate streams, or
+ * come from cache (`cached`: the caller's tensors fit in L3).  Rows in
+ * between, four of which interleave inside one page, go one at a time from
+ * DRAM: interleaved so, a read of 512 B or 1 KiB rows runs 2.5-3x slower than
+ * in memory order (256 B rows: as fast), with or without software prefetch.
+ * From cache, four at a time is 25-33 % faster. */
 #ifndef FBN_SHORT_ROW
 #define FBN_SHORT_ROW 256
 #endif
@@ -266,6 +263,21 @@ static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
 #endif
 static inline ptrdiff_t fbn_rstep(ptrdiff_t row_bytes, int cached) {
     return cached || row_bytes <= FBN_SHORT_ROW || row_bytes >= FBN_LONG_ROW ? 4 : 1;
+}
+
+/* Channels-last sums (fbn_tsums) take a chunk's rows in K parts, K rows a step:
+ * row i of each part, then row i + 1.  Each part is one sequential stream, so
+ * the prefetchers see K streams rather than K rows interleaved in a page, and
+ * each load / store of the per-channel sums serves K rows.  Part of the
+ * numerical definition (it fixes the order of each channel's sum), a function
+ * of the row width only: never of the thread count.  Statistics take 4 parts;
+ * gradient sums, which read x and dy, 2 (four streams), or 4 for long rows.
+ * Measured on a C replica of 51 MB, 1 thread: statistics of 1 KiB rows 4.45 ms
+ * one row a step, 4.7 four consecutive rows, 2.04 in 4 parts (read floor 1.6);
+ * gradient sums 4.93 / 8.44 / 3.91, in 2 parts 3.47; 8 KiB rows (C = 2048):
+ * 2 parts 5.62, 4 parts 4.38. */
+static inline ptrdiff_t fbn_ways(ptrdiff_t row_bytes, int grad) {
+    return grad && row_bytes < FBN_LONG_ROW ? 2 : 4;
 }
 
 /* The math-type coefficient columns of the channels-last element-wise pass
@@ -654,30 +666,53 @@ static inline fbn_d8 fbn_tld8_##S(const T *p, ptrdiff_t c, ptrdiff_t C) {       
                                                                                   \
 /* Statistics (g == NULL): ps[c] = sum of (x - shift[c]), pq[c] = the sum of     \
  * squares; gradients: ps[c] = sum of g, pq[c] = sum of g * (x - shift[c]).      \
- * Float64 lanes, 8 channels each, every channel summed down its column in row  \
- * order from 0.  Narrow tiles walk each group of 8 down the rows with the sums  \
- * in registers; wide tiles stream whole rows with the sums in ps / pq (L1).     \
- * Both give the same bits. */                                                   \
+ * Float64 lanes, 8 channels each, every channel summed from 0 in one lane in   \
+ * the order of fbn_ways: the rows in K interleaved parts, then the rest.       \
+ * Narrow tiles walk each group of 8 down the rows with the sums in registers;  \
+ * wide tiles stream K rows at a time with the sums in ps / pq (L1).  Both give  \
+ * the same bits. */                                                             \
 static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,             \
                                  ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,        \
                                  ptrdiff_t c1, const double *shift,               \
-                                 double *ps, double *pq, int cached) {            \
+                                 double *ps, double *pq) {                        \
+    const ptrdiff_t K = fbn_ways(C * (ptrdiff_t)sizeof(T), g != NULL);           \
+    const ptrdiff_t h = (r1 - r0) / K, rt = r0 + K * h;  /* rows [rt, r1): rest */ \
+    const ptrdiff_t hc = h * C;                  /* from one part to the next */  \
     ptrdiff_t cf = c0 + ((c1 - c0) / 8) * 8;     /* full groups: [c0, cf) */      \
     ptrdiff_t c = c0;                                                             \
     if (cf - c0 >= FBN_ROW_TILE) {                                                \
-        /* Rows per accumulator load / store: see fbn_rstep. */                 \
-        const ptrdiff_t rstep = fbn_rstep(C * (ptrdiff_t)sizeof(T), cached); \
         for (c = c0; c < cf; c++) { ps[c] = 0.0; pq[c] = 0.0; }                   \
-        for (ptrdiff_t rb = r0; rb < r1; rb += rstep) {                           \
-            ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                     \
+        for (ptrdiff_t i = r0; i < r0 + h; i++) {  /* rows i, i + h, ... */       \
+            const T *xr = x + i * C, *gr = g == NULL ? NULL : g + i * C;          \
             for (c = c0; c < cf; c += 8) {                                        \
                 fbn_d8 a = fbn_ld_f64(ps + c), b = fbn_ld_f64(pq + c);            \
                 const fbn_d8 sh = fbn_ld_f64(shift + c);                          \
-                for (ptrdiff_t r = rb; r < re; r++) {                             \
-                    fbn_d8 d = fbn_ld8_##S(x + r * C + c) - sh;                   \
-                    if (g == NULL) { a += d; b += d * d; }                        \
-                    else { fbn_d8 gv = fbn_ld8_##S(g + r * C + c); a += gv; b += gv * d; } \
+                if (g == NULL) {                       /* K == 4 */               \
+                    for (ptrdiff_t k = 0; k < 4; k++) {                           \
+                        fbn_d8 d = fbn_ld8_##S(xr + k * hc + c) - sh;             \
+                        a += d; b += d * d;                                       \
+                    }                                                             \
+                } else if (K == 2) {                                              \
+                    for (ptrdiff_t k = 0; k < 2; k++) {                           \
+                        fbn_d8 gv = fbn_ld8_##S(gr + k * hc + c);                 \
+                        a += gv; b += gv * (fbn_ld8_##S(xr + k * hc + c) - sh);   \
+                    }                                                             \
+                } else {                                                          \
+                    for (ptrdiff_t k = 0; k < 4; k++) {                           \
+                        fbn_d8 gv = fbn_ld8_##S(gr + k * hc + c);                 \
+                        a += gv; b += gv * (fbn_ld8_##S(xr + k * hc + c) - sh);   \
+                    }                                                             \
                 }                                                                 \
+                fbn_st_f64(ps + c, a); fbn_st_f64(pq + c, b);                     \
+            }                                                                     \
+        }                                                                         \
+        for (ptrdiff_t r = rt; r < r1; r++) {                                     \
+            for (c = c0; c < cf; c += 8) {                                        \
+                fbn_d8 a = fbn_ld_f64(ps + c), b = fbn_ld_f64(pq + c);            \
+                const fbn_d8 sh = fbn_ld_f64(shift + c);                          \
+                fbn_d8 d = fbn_ld8_##S(x + r * C + c) - sh;                       \
+                if (g == NULL) { a += d; b += d * d; }                            \
+                else { fbn_d8 gv = fbn_ld8_##S(g + r * C + c); a += gv; b += gv * d; } \
                 fbn_st_f64(ps + c, a); fbn_st_f64(pq + c, b);                     \
             }                                                                     \
         }                                                                         \
@@ -685,16 +720,18 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
     }                                                                             \
     for (; c < c1; c += 8) {                                                      \
         fbn_d8 sh = fbn_col8(shift, c, C), a = fbn_splat_d(0), b = a;             \
-        if (g == NULL) {                                                          \
-            for (ptrdiff_t r = r0; r < r1; r++) {                                 \
-                fbn_d8 d = fbn_tld8_##S(x + r * C + c, c, C) - sh;                \
-                a += d; b += d * d;                                               \
+        for (ptrdiff_t i = 0; i < h; i++) {                                       \
+            for (ptrdiff_t k = 0; k < K; k++) {                                   \
+                ptrdiff_t o = (r0 + i) * C + k * hc + c;                          \
+                fbn_d8 d = fbn_tld8_##S(x + o, c, C) - sh;                        \
+                if (g == NULL) { a += d; b += d * d; }                            \
+                else { fbn_d8 gv = fbn_tld8_##S(g + o, c, C); a += gv; b += gv * d; } \
             }                                                                     \
-        } else {                                                                  \
-            for (ptrdiff_t r = r0; r < r1; r++) {                                 \
-                fbn_d8 gv = fbn_tld8_##S(g + r * C + c, c, C);                    \
-                a += gv; b += gv * (fbn_tld8_##S(x + r * C + c, c, C) - sh);      \
-            }                                                                     \
+        }                                                                         \
+        for (ptrdiff_t r = rt; r < r1; r++) {                                     \
+            fbn_d8 d = fbn_tld8_##S(x + r * C + c, c, C) - sh;                    \
+            if (g == NULL) { a += d; b += d * d; }                                \
+            else { fbn_d8 gv = fbn_tld8_##S(g + r * C + c, c, C); a += gv; b += gv * d; } \
         }                                                                         \
         for (int i = 0; i < 8 && c + i < C; i++) { ps[c + i] = a[i]; pq[c + i] = b[i]; } \
     }                                                                             \

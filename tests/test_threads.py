@@ -20,6 +20,8 @@ CASES = [
     ((3, 1, 250, 250), 1),     # C = 1
     ((50, 20, 20, 37), -1),    # channels-last, many row chunks
     ((4, 9, 9, 700), -1),      # channels-last, two channel blocks
+    ((4, 15, 15, 300), -1),    # channels-last: channels 256..295 summed in L1 rows
+                               # (one thread) or in registers (a 44-wide tile)
 ]
 
 
