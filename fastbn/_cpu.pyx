@@ -902,7 +902,7 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     # slower streamed).  Smaller outputs stay in cache for their next reader.
     j.stream = cnp.PyArray_NBYTES(y) >= stream_bytes
     # Calls that touch less than 3/4 of that (x, y and dy together) are taken
-    # to run in cache (the caller just wrote x): channels-last rows of 512 B -
+    # to run in cache (the caller just wrote x): channels-last element-wise rows of 512 B -
     # 4 KiB then go four at a time (see fbn_rstep).  Measured on 1 KiB rows:
     # 25-36 % faster at 3-10 MB, 25-47 % slower at 13-19 MB.
     j.cached = cnp.PyArray_NBYTES(y) * (2 if dy is None else 3) < stream_bytes - stream_bytes // 4

@@ -433,6 +433,19 @@ static inline fbn_d8 fbn_blend_f64(ptrdiff_t n, fbn_d8 a, fbn_d8 b) {
 #define fbn_sst8_f64 fbn_st8_f64
 #define fbn_sst8_f16 fbn_st8_f16
 static inline void fbn_sfence(void) {}
+/* Lanes below n from a, the rest from b (a lane mask from a comparison). */
+typedef int32_t fbn_i16 __attribute__((vector_size(64)));
+typedef int64_t fbn_l8 __attribute__((vector_size(64)));
+static inline fbn_s16 fbn_blend_s16(ptrdiff_t n, fbn_s16 a, fbn_s16 b) {
+    const fbn_i16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const fbn_i16 m = lane < (int32_t)n;
+    return (fbn_s16)(((fbn_i16)a & m) | ((fbn_i16)b & ~m));
+}
+static inline fbn_d8 fbn_blend_f64(ptrdiff_t n, fbn_d8 a, fbn_d8 b) {
+    const fbn_l8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const fbn_l8 m = lane < (int64_t)n;
+    return (fbn_d8)(((fbn_l8)a & m) | ((fbn_l8)b & ~m));
+}
 #endif
 
 /* k - b m with one rounding, the folded constant of the float32 / float16
