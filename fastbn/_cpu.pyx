@@ -69,7 +69,8 @@ cdef extern from "_simd.h" nogil:
     void fbn_copy_fence()
     unsigned long long fbn_read_all(const char* s, size_t n)
     void fbn_fill(char* d, size_t n, int stream)
-    double fbn_fold_k(double k, double b, double m)
+    void fbn_xfold_f32(double* m, double* k, double b)
+    void fbn_xfold_f16(double* m, double* k, double b)
     void fbn_fold_s16(double m, double a, double b, float* hi, float* bf)
     Py_ssize_t FBN_COLPAD
     void fbn_cl_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
@@ -692,7 +693,7 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         put_cols(x, cols, cf, c, C)
     pad_cols(x, cols, C)
     if op == 1:
-        fold_dx_cols(j, cf, dcols, C)
+        fold_dx_cols(x, j, cf, dcols, C)
     rb = cdiv(EW_BLOCK, C)
     nr = cdiv(M, rb)
     nt = team(nr, M * C, j.n_threads)
@@ -760,20 +761,26 @@ cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssiz
     set_col(x, cols, L + c, cf[C + c])
 
 
-cdef inline void fold_dx_cols(Job* j, double* cf, double* dcols, Py_ssize_t C) noexcept nogil:
-    """Training dx columns (mean, a, b, k of cf) as fbn_tew op 1 wants them: for
-    float32 / float16 data k folded with the mean (fbn_fold_k) and the mean 0,
-    as fbn_dx8 does; and, for the streamed dx (fbn_cl_dx_nt), their padded
-    copy dcols (stride C + FBN_COLPAD)."""
+cdef inline void fold_dx_cols(const data_t* x, Job* j, double* cf, double* dcols,
+                              Py_ssize_t C) noexcept nogil:
+    """Training dx columns (mean, a, b, k of cf) as fbn_tew op 1 wants them:
+    mean and k as fbn_xfold gives them for the data type (float32: 0 and k
+    folded with the mean; float16: the mean rounded to float and k with the
+    rest), as fbn_dx8 does; and, for the streamed dx (fbn_cl_dx_nt), their
+    padded copy dcols (stride C + FBN_COLPAD; float32 for float16 data)."""
     cdef Py_ssize_t L = C + FBN_COLPAD, i, k
-    if j.xtype != DT_F64:
-        for i in range(C):
-            cf[3 * C + i] = fbn_fold_k(cf[3 * C + i], cf[2 * C + i], cf[i])
-            cf[i] = 0.0
+    for i in range(C):
+        if data_t is float:
+            fbn_xfold_f32(&cf[i], &cf[3 * C + i], cf[2 * C + i])
+        elif data_t is half_t:
+            fbn_xfold_f16(&cf[i], &cf[3 * C + i], cf[2 * C + i])
     if j.stream and 32 * L <= STREAM_DX_COLS:
         for k in range(4):
             for i in range(L):
-                dcols[k * L + i] = cf[k * C + i % C]
+                if data_t is half_t:
+                    (<float*>dcols)[k * L + i] = <float>cf[k * C + i % C]
+                else:
+                    dcols[k * L + i] = cf[k * C + i % C]
 
 
 cdef inline void pad_cols(const data_t* x, void* cols, Py_ssize_t C) noexcept nogil:

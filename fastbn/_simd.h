@@ -448,9 +448,108 @@ static inline fbn_d8 fbn_blend_f64(ptrdiff_t n, fbn_d8 a, fbn_d8 b) {
 }
 #endif
 
-/* k - b m with one rounding, the folded constant of the float32 / float16
- * training dx (the same bits wherever it is computed). */
+/* ---- training dx lanes ------------------------------------------------------
+ * Eight lanes per vector: float64 for float32 and float64 data, float32 for
+ * float16 data (fbn_x8_<S>; loads, stores, streaming stores, blends and
+ * splats spelled fbn_x*_<S>).  A float16 dx rounds to 11 bits; float32 lanes
+ * carry 24, so their rounding is 2^-13 of the final one, and they halve the
+ * conversions (half -> float instead of half -> float -> double and back). */
+typedef fbn_d8 fbn_x8_f32;
+typedef fbn_d8 fbn_x8_f64;
+typedef fbn_f8 fbn_x8_f16;
+#define fbn_xld_f32 fbn_ld8_f32
+#define fbn_xld_f64 fbn_ld8_f64
+#define fbn_xldn_f32 fbn_ldn8_f32
+#define fbn_xldn_f64 fbn_ldn8_f64
+#define fbn_xst_f32 fbn_st8_f32
+#define fbn_xst_f64 fbn_st8_f64
+#define fbn_xstn_f32 fbn_stn8_f32
+#define fbn_xstn_f64 fbn_stn8_f64
+#define fbn_xsst_f32 fbn_sst8_f32
+#define fbn_xsst_f64 fbn_sst8_f64
+#define fbn_xblend_f32 fbn_blend_f64
+#define fbn_xblend_f64 fbn_blend_f64
+#define fbn_xsplat_f32 fbn_splat_d
+#define fbn_xsplat_f64 fbn_splat_d
+static inline fbn_f8 fbn_xld_f16(const uint16_t *p) { return fbn_h8_to_f8(p); }
+static inline void fbn_xst_f16(uint16_t *p, fbn_f8 v) { fbn_f8_to_h8(p, v); }
+static inline fbn_f8 fbn_xsplat_f16(double a) {
+    const float f = (float)a;
+    fbn_f8 v = {f, f, f, f, f, f, f, f}; return v;
+}
+#if FBN_MASKED
+static inline fbn_f8 fbn_xldn_f16(const uint16_t *p, ptrdiff_t n, uint16_t fill) {
+    __m128i h = _mm_mask_loadu_epi16(_mm_set1_epi16((short)fill), (__mmask8)((1u << n) - 1), p);
+    return (fbn_f8)_mm256_cvtph_ps(h);
+}
+static inline void fbn_xstn_f16(uint16_t *p, ptrdiff_t n, fbn_f8 v) {
+    __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_mask_storeu_epi16(p, (__mmask8)((1u << n) - 1), h);
+}
+static inline void fbn_xsst_f16(uint16_t *p, fbn_f8 v) {
+    _mm_stream_si128((__m128i *)p,
+                     _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+static inline fbn_f8 fbn_xblend_f16(ptrdiff_t n, fbn_f8 a, fbn_f8 b) {
+    return (fbn_f8)_mm256_mask_blend_ps((__mmask8)((1u << n) - 1), (__m256)b, (__m256)a);
+}
+#else
+static inline fbn_f8 fbn_xldn_f16(const uint16_t *p, ptrdiff_t n, uint16_t fill) {
+    const float f = fastbn_h2f(fill);
+    fbn_f8 v = {f, f, f, f, f, f, f, f};
+    for (ptrdiff_t i = 0; i < n; i++) v[i] = fastbn_h2f(p[i]);
+    return v;
+}
+static inline void fbn_xstn_f16(uint16_t *p, ptrdiff_t n, fbn_f8 v) {
+    uint16_t buf[8];
+    fbn_f8_to_h8(buf, v);
+    for (ptrdiff_t i = 0; i < n; i++) p[i] = buf[i];
+}
+#define fbn_xsst_f16 fbn_xst_f16
+typedef int32_t fbn_i8 __attribute__((vector_size(32)));
+static inline fbn_f8 fbn_xblend_f16(ptrdiff_t n, fbn_f8 a, fbn_f8 b) {
+    const fbn_i8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const fbn_i8 m = lane < (int32_t)n;
+    return (fbn_f8)(((fbn_i8)a & m) | ((fbn_i8)b & ~m));
+}
+#endif
+
+/* k - b m with one rounding, the folded constant of the float32 training dx
+ * (the same bits wherever it is computed). */
 static inline double fbn_fold_k(double k, double b, double m) { return fma(-b, m, k); }
+
+/* The float64 training-dx coefficients (mean m, b, k) as each type's lanes use
+ * them in FBN_DX:
+ *   float32 (FOLD): m = 0 and k - b mean (fbn_fold_k), so that dx is two fused
+ *     multiply-adds in float64 lanes, a g + (b x + k');
+ *   float64: as they are, dx = a g + b (x - m) + k;
+ *   float16: m rounded to float (hi) and k - b (m - hi), so that the float32
+ *     lanes subtract x - hi (exact near the mean) rather than cancel b x
+ *     against k: the centred form, as the forward's fbn_fold_s16. */
+static inline void fbn_xfold_f32(double *m, double *k, double b) {
+    *k = fbn_fold_k(*k, b, *m); *m = 0.0;
+}
+static inline void fbn_xfold_f64(double *m, double *k, double b) { (void)m; (void)k; (void)b; }
+static inline void fbn_xfold_f16(double *m, double *k, double b) {
+    const double hi = (double)(float)*m;
+    *k = fma(-b, *m - hi, *k); *m = hi;
+}
+
+/* The coefficients of 8 consecutive channels from float64 columns (padding
+ * past C: 0), as lanes; and from the padded streaming columns (fbn_cl_dx_nt:
+ * float64 for float32 / float64 data, float32 for float16 data). */
+static inline fbn_d8 fbn_xcol_f32(const double *col, ptrdiff_t c, ptrdiff_t C) {
+    return fbn_col8(col, c, C);
+}
+#define fbn_xcol_f64 fbn_xcol_f32
+static inline fbn_f8 fbn_xcol_f16(const double *col, ptrdiff_t c, ptrdiff_t C) {
+    return fbn_d8_to_f8(fbn_col8(col, c, C));
+}
+static inline fbn_d8 fbn_xdc_f32(const double *dcols, ptrdiff_t i) { return fbn_ld_f64(dcols + i); }
+#define fbn_xdc_f64 fbn_xdc_f32
+static inline fbn_f8 fbn_xdc_f16(const double *dcols, ptrdiff_t i) {
+    fbn_f8 v; memcpy(&v, (const float *)dcols + i, 32); return v;
+}
 
 /* dx = a g + b (x - m) + k; with FOLD, m = 0 and k already holds k - b mean,
  * and the subtraction is left out. */
@@ -464,21 +563,23 @@ static inline double fbn_fold_k(double k, double b, double m) { return fma(-b, m
                                                                                   \
 /* ---- contiguous runs (channels-first: one run = one (n, c) row of S) ---- */   \
                                                                                   \
-/* Training dx = a g + b (x - mean) + k in float64 lanes.  For float32 and    \
- * float16 data (FOLD) it is a g + (b x + (k - b mean)): two fused multiply-   \
- * adds instead of four operations.  The folded constant's rounding is 2^-53   \
- * of |b mean|, below 1e-12 of the b term for means up to 1e4 standard         \
- * deviations, far below a float32 ulp; float64 data keeps the centred form. */ \
+/* Training dx = a g + b (x - mean) + k in the type's dx lanes (fbn_x8_<S>), \
+ * with the coefficients as fbn_xfold_<S> gives them: for float32 data (FOLD) \
+ * a g + (b x + (k - b mean)), two fused multiply-adds in float64 lanes (the    \
+ * folded constant's rounding is 2^-53 of |b mean|, below 1e-12 of the b term  \
+ * for means up to 1e4 standard deviations, far below a float32 ulp); float64  \
+ * and float16 data the centred form. */                                       \
 static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,         \
                                double mean, double a, double b, double k) {       \
-    const fbn_d8 m = fbn_splat_d(FOLD ? 0.0 : mean), A = fbn_splat_d(a),          \
-                 B = fbn_splat_d(b), K = fbn_splat_d(FOLD ? fbn_fold_k(k, b, mean) : k);    \
+    fbn_xfold_##S(&mean, &k, b);                                                  \
+    const fbn_x8_##S m = fbn_xsplat_##S(mean), A = fbn_xsplat_##S(a),             \
+                     B = fbn_xsplat_##S(b), K = fbn_xsplat_##S(k);                \
     ptrdiff_t i = 0, r;                                                           \
     for (; i + 8 <= n; i += 8)                                                    \
-        fbn_st8_##S(y + i, FBN_DX(FOLD, A, fbn_ld8_##S(g + i), B, fbn_ld8_##S(x + i), m, K)); \
+        fbn_xst_##S(y + i, FBN_DX(FOLD, A, fbn_xld_##S(g + i), B, fbn_xld_##S(x + i), m, K)); \
     if ((r = n - i) > 0)                                                          \
-        fbn_stn8_##S(y + i, r, FBN_DX(FOLD, A, fbn_ldn8_##S(g + i, r, 0), B,            \
-                                      fbn_ldn8_##S(x + i, r, 0), m, K));          \
+        fbn_xstn_##S(y + i, r, FBN_DX(FOLD, A, fbn_xldn_##S(g + i, r, 0), B,      \
+                                      fbn_xldn_##S(x + i, r, 0), m, K));          \
 }                                                                                 \
                                                                                   \
 /* Chunk partials are kept as vectors, acc[0:8] and acc[8:16] (one lane per    \
@@ -613,13 +714,15 @@ static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr, 
     }                                                                             \
 }                                                                                 \
                                                                                   \
-/* Channels-first training dx (op 1, float64 lanes as fbn_dx8) over nr         \
+/* Channels-first training dx (op 1, dx lanes as fbn_dx8) over nr              \
  * consecutive runs of n >= 8 elements, as fbn_span_nt: aligned 8-element      \
  * vectors across run boundaries, streaming stores.  The same bits as fbn_dx8. */ \
-static inline void fbn_coef_dx_##S(const double *cf, fbn_d8 *m, fbn_d8 *A,        \
-                                   fbn_d8 *B, fbn_d8 *K) {                        \
-    *m = fbn_splat_d(FOLD ? 0.0 : cf[0]); *A = fbn_splat_d(cf[1]);                \
-    *B = fbn_splat_d(cf[2]); *K = fbn_splat_d(FOLD ? fbn_fold_k(cf[3], cf[2], cf[0]) : cf[3]); \
+static inline void fbn_coef_dx_##S(const double *cf, fbn_x8_##S *m, fbn_x8_##S *A, \
+                                   fbn_x8_##S *B, fbn_x8_##S *K) {                \
+    double mean = cf[0], k = cf[3];                                               \
+    fbn_xfold_##S(&mean, &k, cf[2]);                                              \
+    *m = fbn_xsplat_##S(mean); *A = fbn_xsplat_##S(cf[1]);                        \
+    *B = fbn_xsplat_##S(cf[2]); *K = fbn_xsplat_##S(k);                           \
 }                                                                                 \
 static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  \
                                       ptrdiff_t nr, ptrdiff_t c, ptrdiff_t C,     \
@@ -628,23 +731,23 @@ static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,
     ptrdiff_t h = (ptrdiff_t)((vb - ((uintptr_t)y & (uintptr_t)(vb - 1))) & (uintptr_t)(vb - 1)) \
                   / (ptrdiff_t)sizeof(T);                                         \
     ptrdiff_t i, r = 0, end = n;                                                  \
-    fbn_d8 m, A, B, K;                                                            \
+    fbn_x8_##S m, A, B, K;                                                         \
     if (h > 0) fbn_dx8_##S(x, g, y, h, cf[4 * c], cf[4 * c + 1], cf[4 * c + 2], cf[4 * c + 3]); \
     fbn_coef_dx_##S(cf + 4 * c, &m, &A, &B, &K);                                  \
     for (i = h; i + 8 <= total; i += 8) {                                         \
-        fbn_d8 xv = fbn_ld8_##S(x + i), gv = fbn_ld8_##S(g + i), v;               \
+        fbn_x8_##S xv = fbn_xld_##S(x + i), gv = fbn_xld_##S(g + i), v;           \
         if (i + 8 <= end) {                                                       \
             v = FBN_DX(FOLD, A, gv, B, xv, m, K);                                 \
         } else {                              /* lanes past `end`: run r + 1 */   \
             ptrdiff_t cn = c + 1 == C ? 0 : c + 1, k = end - i;                   \
-            fbn_d8 mn, An, Bn, Kn;                                                \
+            fbn_x8_##S mn, An, Bn, Kn;                                            \
             fbn_coef_dx_##S(cf + 4 * cn, &mn, &An, &Bn, &Kn);                     \
-            m = fbn_blend_f64(k, m, mn); A = fbn_blend_f64(k, A, An);             \
-            B = fbn_blend_f64(k, B, Bn); K = fbn_blend_f64(k, K, Kn);             \
+            m = fbn_xblend_##S(k, m, mn); A = fbn_xblend_##S(k, A, An);           \
+            B = fbn_xblend_##S(k, B, Bn); K = fbn_xblend_##S(k, K, Kn);           \
             v = FBN_DX(FOLD, A, gv, B, xv, m, K);                                 \
             m = mn; A = An; B = Bn; K = Kn; c = cn; r++; end += n;                \
         }                                                                         \
-        fbn_sst8_##S(y + i, v);                                                   \
+        fbn_xsst_##S(y + i, v);                                                   \
         if (i + 8 == end) {                   /* run r ends on this vector */     \
             c = c + 1 == C ? 0 : c + 1; r++; end += n;                            \
             if (r < nr) fbn_coef_dx_##S(cf + 4 * c, &m, &A, &B, &K);              \
@@ -675,6 +778,9 @@ static inline V fbn_tld_##S(const T *p, ptrdiff_t c, ptrdiff_t C) {             
                                                                                   \
 static inline fbn_d8 fbn_tld8_##S(const T *p, ptrdiff_t c, ptrdiff_t C) {         \
     return c + 8 <= C ? fbn_ld8_##S(p) : fbn_ldn8_##S(p, C - c, 0);               \
+}                                                                                 \
+static inline fbn_x8_##S fbn_xtld_##S(const T *p, ptrdiff_t c, ptrdiff_t C) {     \
+    return c + 8 <= C ? fbn_xld_##S(p) : fbn_xldn_##S(p, C - c, 0);               \
 }                                                                                 \
                                                                                   \
 /* Statistics (g == NULL): ps[c] = sum of (x - shift[c]), pq[c] = the sum of     \
@@ -752,9 +858,8 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
                                                                                   \
 /* Element-wise over a tile, row by row (op as fbn_ew): ops 0 and 2 use the    \
  * math-type columns cols = (hi, a, bf) of fbn_fold (stride C + FBN_COLPAD), op 1 \
- * the float64 columns (FOLD: already folded, 0 and fbn_fold_k in place of the  \
- * mean and k)                                                                  \
- * cf = (mean, a, b, k), each of length C. */                                    \
+ * the float64 columns cf = (mean, a, b, k), each of length C, with mean and k  \
+ * already as fbn_xfold_<S> leaves them. */                                      \
 static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C, \
                                ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,          \
                                ptrdiff_t c1, const M *cols, const double *cf,     \
@@ -769,13 +874,14 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
         ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                         \
         if (op == 1) {                                                            \
             for (ptrdiff_t c = c0; c < c1; c += 8) {                              \
-                const fbn_d8 mv = fbn_col8(cf, c, C), av = fbn_col8(cf + C, c, C), \
-                    bv = fbn_col8(cf + 2 * C, c, C), kv = fbn_col8(cf + 3 * C, c, C); \
+                const fbn_x8_##S mv = fbn_xcol_##S(cf, c, C),                     \
+                    av = fbn_xcol_##S(cf + C, c, C), bv = fbn_xcol_##S(cf + 2 * C, c, C), \
+                    kv = fbn_xcol_##S(cf + 3 * C, c, C);                          \
                 for (ptrdiff_t r = rb; r < re; r++) {                             \
                     ptrdiff_t o = r * C + c;                                      \
-                    fbn_d8 v = FBN_DX(FOLD, av, fbn_tld8_##S(g + o, c, C), bv,          \
-                                      fbn_tld8_##S(x + o, c, C), mv, kv);         \
-                    if (c + 8 <= C) fbn_st8_##S(y + o, v); else fbn_stn8_##S(y + o, C - c, v); \
+                    fbn_x8_##S v = FBN_DX(FOLD, av, fbn_xtld_##S(g + o, c, C), bv,    \
+                                          fbn_xtld_##S(x + o, c, C), mv, kv);     \
+                    if (c + 8 <= C) fbn_xst_##S(y + o, v); else fbn_xstn_##S(y + o, C - c, v); \
                 }                                                                 \
             }                                                                     \
         } else if (op == 0) {                                                     \
@@ -834,11 +940,11 @@ static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,    
     }                                                                             \
 }                                                                                 \
                                                                                   \
-/* Channels-last training dx (op 1, float64 lanes) over the n elements of a    \
- * block of whole rows, with streaming stores: aligned 8-element vectors,       \
+/* Channels-last training dx (op 1, dx lanes) over the n elements of a block   \
+ * of whole rows, with streaming stores: aligned 8-element vectors,             \
  * coefficients loaded at each vector's channel offset from dcols, the four     \
- * float64 columns of fbn_tew op 1 padded (stride C + FBN_COLPAD).  The same    \
- * bits as fbn_tew op 1. */                                                     \
+ * columns of fbn_tew op 1 padded (stride C + FBN_COLPAD; float32 for float16   \
+ * data, see fbn_xdc).  The same bits as fbn_tew op 1. */                        \
 static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
                                     ptrdiff_t C, const double *dcols) {           \
     const ptrdiff_t L = C + FBN_COLPAD, vb = 8 * (ptrdiff_t)sizeof(T);            \
@@ -847,18 +953,18 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
     ptrdiff_t i = 0, c = 0, r;                                                    \
     if (h > n) h = n;                                                             \
     for (;;) {                                                                    \
-        const fbn_d8 m = fbn_ld_f64(dcols + c), A = fbn_ld_f64(dcols + L + c),    \
-            B = fbn_ld_f64(dcols + 2 * L + c), K = fbn_ld_f64(dcols + 3 * L + c); \
+        const fbn_x8_##S m = fbn_xdc_##S(dcols, c), A = fbn_xdc_##S(dcols, L + c), \
+            B = fbn_xdc_##S(dcols, 2 * L + c), K = fbn_xdc_##S(dcols, 3 * L + c); \
         if (i < h || i + 8 > n) {             /* head and tail: ordinary stores */ \
             if (i >= n) break;                                                    \
             r = i < h ? h - i : n - i;                                            \
             if (r > 8) r = 8;                                                     \
-            fbn_stn8_##S(y + i, r, FBN_DX(FOLD, A, fbn_ldn8_##S(g + i, r, 0), B,  \
-                                          fbn_ldn8_##S(x + i, r, 0), m, K));      \
+            fbn_xstn_##S(y + i, r, FBN_DX(FOLD, A, fbn_xldn_##S(g + i, r, 0), B,  \
+                                          fbn_xldn_##S(x + i, r, 0), m, K));      \
         } else {                                                                  \
             r = 8;                                                                \
-            fbn_sst8_##S(y + i, FBN_DX(FOLD, A, fbn_ld8_##S(g + i), B,            \
-                                       fbn_ld8_##S(x + i), m, K));                \
+            fbn_xsst_##S(y + i, FBN_DX(FOLD, A, fbn_xld_##S(g + i), B,            \
+                                       fbn_xld_##S(x + i), m, K));                \
         }                                                                         \
         i += r; c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;               \
     }                                                                             \
@@ -867,7 +973,7 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
 
 
 FBN_FAMILY(float, f32, float, fbn_s16, 16, s16, fbn_splat_s, FBN_NOCVT, 1)
-FBN_FAMILY(uint16_t, f16, float, fbn_s16, 16, s16, fbn_splat_s, fastbn_h2f, 1)
+FBN_FAMILY(uint16_t, f16, float, fbn_s16, 16, s16, fbn_splat_s, fastbn_h2f, 0)
 FBN_FAMILY(double, f64, double, fbn_d8, 8, f64, fbn_splat_d, FBN_NOCVT, 0)
 
 #endif /* FASTBN_SIMD_H */
