@@ -232,6 +232,55 @@ static inline fbn_s16 fbn_splat_s(float a) {
     fbn_s16 v = {a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; return v;
 }
 
+/* a * b + c, fused where the target has fused multiply-add, written out: left
+ * to the compiler's contraction, the same expression was fused in one kernel
+ * and not in another (AVX2 builds, where these 512-bit vectors are split in
+ * two), and the streamed and ordinary paths disagreed in the last bit. */
+#if defined(__AVX512F__)
+static inline fbn_d8 fbn_fma_f64(fbn_d8 a, fbn_d8 b, fbn_d8 c) {
+    return (fbn_d8)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+}
+static inline fbn_s16 fbn_fma_s16(fbn_s16 a, fbn_s16 b, fbn_s16 c) {
+    return (fbn_s16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#elif defined(__FMA__)
+#include <immintrin.h>
+typedef double fbn_d4 __attribute__((vector_size(32)));
+static inline fbn_d8 fbn_fma_f64(fbn_d8 a, fbn_d8 b, fbn_d8 c) {
+    fbn_d4 lo = (fbn_d4)_mm256_fmadd_pd(
+        (__m256d)__builtin_shufflevector(a, a, 0, 1, 2, 3),
+        (__m256d)__builtin_shufflevector(b, b, 0, 1, 2, 3),
+        (__m256d)__builtin_shufflevector(c, c, 0, 1, 2, 3));
+    fbn_d4 hi = (fbn_d4)_mm256_fmadd_pd(
+        (__m256d)__builtin_shufflevector(a, a, 4, 5, 6, 7),
+        (__m256d)__builtin_shufflevector(b, b, 4, 5, 6, 7),
+        (__m256d)__builtin_shufflevector(c, c, 4, 5, 6, 7));
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+static inline fbn_s16 fbn_fma_s16(fbn_s16 a, fbn_s16 b, fbn_s16 c) {
+    fbn_f8 lo = (fbn_f8)_mm256_fmadd_ps(
+        (__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+        (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
+        (__m256)__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
+    fbn_f8 hi = (fbn_f8)_mm256_fmadd_ps(
+        (__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+        (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
+        (__m256)__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7,
+                                   8, 9, 10, 11, 12, 13, 14, 15);
+}
+#else                                   /* no fused multiply-add: nothing to fuse */
+static inline fbn_d8 fbn_fma_f64(fbn_d8 a, fbn_d8 b, fbn_d8 c) { return a * b + c; }
+static inline fbn_s16 fbn_fma_s16(fbn_s16 a, fbn_s16 b, fbn_s16 c) { return a * b + c; }
+#endif
+#if defined(__FMA__) || defined(__AVX512F__)
+static inline fbn_f8 fbn_fma_f8(fbn_f8 a, fbn_f8 b, fbn_f8 c) {
+    return (fbn_f8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+}
+#else
+static inline fbn_f8 fbn_fma_f8(fbn_f8 a, fbn_f8 b, fbn_f8 c) { return a * b + c; }
+#endif
+
 /* Columns of float64 coefficients, channels [c, c+8), padded past C. */
 static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
     if (c + 8 <= C) return fbn_ld_f64(col + c);
@@ -298,7 +347,7 @@ static inline void fbn_fold_f64(double m, double a, double b, double *hi, double
     *hi = m; *bf = b;
 }
 static inline void fbn_fold_s16(double m, double a, double b, float *hi, float *bf) {
-    *hi = (float)m; *bf = (float)(b - (m - (double)*hi) * a);
+    *hi = (float)m; *bf = (float)fma(-(m - (double)*hi), a, b);
 }
 
 /* Channel totals from nq chunk partials of 16 lanes each (see fbn_sums):
@@ -470,6 +519,9 @@ typedef fbn_f8 fbn_x8_f16;
 #define fbn_xblend_f32 fbn_blend_f64
 #define fbn_xblend_f64 fbn_blend_f64
 #define fbn_xsplat_f32 fbn_splat_d
+#define fbn_xfma_f32 fbn_fma_f64
+#define fbn_xfma_f64 fbn_fma_f64
+#define fbn_xfma_f16 fbn_fma_f8
 #define fbn_xsplat_f64 fbn_splat_d
 static inline fbn_f8 fbn_xld_f16(const uint16_t *p) { return fbn_h8_to_f8(p); }
 static inline void fbn_xst_f16(uint16_t *p, fbn_f8 v) { fbn_f8_to_h8(p, v); }
@@ -551,10 +603,10 @@ static inline fbn_f8 fbn_xdc_f16(const double *dcols, ptrdiff_t i) {
     fbn_f8 v; memcpy(&v, (const float *)dcols + i, 32); return v;
 }
 
-/* dx = a g + b (x - m) + k; with FOLD, m = 0 and k already holds k - b mean,
- * and the subtraction is left out. */
-#define FBN_DX(FOLD, A, G, B, X, M, K) \
-    (FOLD ? (A) * (G) + ((B) * (X) + (K)) : (A) * (G) + (B) * ((X) - (M)) + (K))
+/* dx = a g + (b (x - m) + k) as two fused multiply-adds in the lanes' FMA; with
+ * FOLD, m = 0 and k already holds k - b mean, and the subtraction is left out. */
+#define FBN_DX(FOLD, FMA, A, G, B, X, M, K) \
+    FMA((A), (G), FMA((B), (FOLD ? (X) : (X) - (M)), (K)))
 
 /* ---- the per-type family ---------------------------------------------------
  * T storage type, S suffix, M math scalar, V math vector, W lanes, VS vector
@@ -576,9 +628,9 @@ static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,       
                      B = fbn_xsplat_##S(b), K = fbn_xsplat_##S(k);                \
     ptrdiff_t i = 0, r;                                                           \
     for (; i + 8 <= n; i += 8)                                                    \
-        fbn_xst_##S(y + i, FBN_DX(FOLD, A, fbn_xld_##S(g + i), B, fbn_xld_##S(x + i), m, K)); \
+        fbn_xst_##S(y + i, FBN_DX(FOLD, fbn_xfma_##S, A, fbn_xld_##S(g + i), B, fbn_xld_##S(x + i), m, K)); \
     if ((r = n - i) > 0)                                                          \
-        fbn_xstn_##S(y + i, r, FBN_DX(FOLD, A, fbn_xldn_##S(g + i, r, 0), B,      \
+        fbn_xstn_##S(y + i, r, FBN_DX(FOLD, fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B,      \
                                       fbn_xldn_##S(x + i, r, 0), m, K));          \
 }                                                                                 \
                                                                                   \
@@ -597,12 +649,12 @@ static inline void fbn_sums_##S(const T *x, ptrdiff_t n, double shift, T fill,  
     for (; i + 32 <= n; i += 32) {         /* four chains hide the add latency */ \
         d0 = fbn_ld8_##S(x + i) - h; d1 = fbn_ld8_##S(x + i + 8) - h;             \
         d2 = fbn_ld8_##S(x + i + 16) - h; d3 = fbn_ld8_##S(x + i + 24) - h;       \
-        a0 += d0; b0 += d0 * d0; a1 += d1; b1 += d1 * d1;                         \
-        a2 += d2; b2 += d2 * d2; a3 += d3; b3 += d3 * d3;                         \
+        a0 += d0; b0 = fbn_fma_f64(d0, d0, b0); a1 += d1; b1 = fbn_fma_f64(d1, d1, b1);                         \
+        a2 += d2; b2 = fbn_fma_f64(d2, d2, b2); a3 += d3; b3 = fbn_fma_f64(d3, d3, b3);                         \
     }                                                                             \
     for (; i < n; i += 8) {                                                       \
         d0 = (i + 8 <= n ? fbn_ld8_##S(x + i) : fbn_ldn8_##S(x + i, n - i, fill)) - h; \
-        a0 += d0; b0 += d0 * d0;                                                  \
+        a0 += d0; b0 = fbn_fma_f64(d0, d0, b0);                                                  \
     }                                                                             \
     fbn_st_f64(acc, fbn_ld_f64(acc) + ((a0 + a1) + (a2 + a3)));                   \
     fbn_st_f64(acc + 8, fbn_ld_f64(acc + 8) + ((b0 + b1) + (b2 + b3)));           \
@@ -618,17 +670,17 @@ static inline void fbn_gsums_##S(const T *x, const T *g, ptrdiff_t n,           
     for (; i + 32 <= n; i += 32) {                                                \
         g0 = fbn_ld8_##S(g + i); g1 = fbn_ld8_##S(g + i + 8);                     \
         g2 = fbn_ld8_##S(g + i + 16); g3 = fbn_ld8_##S(g + i + 24);               \
-        a0 += g0; b0 += g0 * (fbn_ld8_##S(x + i) - m);                            \
-        a1 += g1; b1 += g1 * (fbn_ld8_##S(x + i + 8) - m);                        \
-        a2 += g2; b2 += g2 * (fbn_ld8_##S(x + i + 16) - m);                       \
-        a3 += g3; b3 += g3 * (fbn_ld8_##S(x + i + 24) - m);                       \
+        a0 += g0; b0 = fbn_fma_f64(g0, (fbn_ld8_##S(x + i) - m), b0);                            \
+        a1 += g1; b1 = fbn_fma_f64(g1, (fbn_ld8_##S(x + i + 8) - m), b1);                        \
+        a2 += g2; b2 = fbn_fma_f64(g2, (fbn_ld8_##S(x + i + 16) - m), b2);                       \
+        a3 += g3; b3 = fbn_fma_f64(g3, (fbn_ld8_##S(x + i + 24) - m), b3);                       \
     }                                                                             \
     for (; i < n; i += 8) {                                                       \
         if (i + 8 <= n) {                                                         \
-            g0 = fbn_ld8_##S(g + i); a0 += g0; b0 += g0 * (fbn_ld8_##S(x + i) - m); \
+            g0 = fbn_ld8_##S(g + i); a0 += g0; b0 = fbn_fma_f64(g0, (fbn_ld8_##S(x + i) - m), b0); \
         } else {                                                                  \
             g0 = fbn_ldn8_##S(g + i, n - i, 0);                                   \
-            a0 += g0; b0 += g0 * (fbn_ldn8_##S(x + i, n - i, 0) - m);             \
+            a0 += g0; b0 = fbn_fma_f64(g0, (fbn_ldn8_##S(x + i, n - i, 0) - m), b0);             \
         }                                                                         \
     }                                                                             \
     fbn_st_f64(acc, fbn_ld_f64(acc) + ((a0 + a1) + (a2 + a3)));                   \
@@ -652,9 +704,9 @@ static inline void fbn_ew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t n,
         M hi, bf; fbn_fold_##VS(mean, a, b, &hi, &bf);                            \
         const V H = SPLAT(hi), B = SPLAT(bf);                                     \
         for (; i + W <= n; i += W)                                                \
-            fbn_st_##S(y + i, (fbn_ld_##S(x + i) - H) * A + B);                   \
+            fbn_st_##S(y + i, fbn_fma_##VS(fbn_ld_##S(x + i) - H, A, B));                   \
         if ((r = n - i) > 0)                                                      \
-            fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - H) * A + B);        \
+            fbn_stn_##S(y + i, r, fbn_fma_##VS(fbn_ldn_##S(x + i, r, 0) - H, A, B));        \
     } else {                                                                      \
         for (; i + W <= n; i += W)                                                \
             fbn_st_##S(y + i, A * fbn_ld_##S(g + i));                             \
@@ -685,15 +737,15 @@ static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr, 
     for (i = h; i + W <= total; i += W) {                                         \
         V v = fbn_ld_##S(x + i);                                                  \
         if (i + W <= end) {                                                       \
-            v = (v - H) * A + B;                                                  \
+            v = fbn_fma_##VS(v - H, A, B);                                                  \
         } else {                              /* lanes past `end`: run r + 1 */   \
             ptrdiff_t cn = c + 1 == C ? 0 : c + 1;                                \
             M hn, bn;                                                             \
             fbn_fold_##VS(cf[4 * cn], cf[4 * cn + 1], cf[4 * cn + 2], &hn, &bn);  \
             const V Hn = SPLAT(hn), An = SPLAT((M)cf[4 * cn + 1]), Bn = SPLAT(bn); \
             const ptrdiff_t k = end - i;                                          \
-            v = (v - fbn_blend_##VS(k, H, Hn)) * fbn_blend_##VS(k, A, An)         \
-                + fbn_blend_##VS(k, B, Bn);                                       \
+            v = fbn_fma_##VS(v - fbn_blend_##VS(k, H, Hn), fbn_blend_##VS(k, A, An), \
+                             fbn_blend_##VS(k, B, Bn));                           \
             H = Hn; A = An; B = Bn; c = cn; r++; end += n;                        \
         }                                                                         \
         fbn_sst_##S(y + i, v);                                                    \
@@ -737,14 +789,14 @@ static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,
     for (i = h; i + 8 <= total; i += 8) {                                         \
         fbn_x8_##S xv = fbn_xld_##S(x + i), gv = fbn_xld_##S(g + i), v;           \
         if (i + 8 <= end) {                                                       \
-            v = FBN_DX(FOLD, A, gv, B, xv, m, K);                                 \
+            v = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);                                 \
         } else {                              /* lanes past `end`: run r + 1 */   \
             ptrdiff_t cn = c + 1 == C ? 0 : c + 1, k = end - i;                   \
             fbn_x8_##S mn, An, Bn, Kn;                                            \
             fbn_coef_dx_##S(cf + 4 * cn, &mn, &An, &Bn, &Kn);                     \
             m = fbn_xblend_##S(k, m, mn); A = fbn_xblend_##S(k, A, An);           \
             B = fbn_xblend_##S(k, B, Bn); K = fbn_xblend_##S(k, K, Kn);           \
-            v = FBN_DX(FOLD, A, gv, B, xv, m, K);                                 \
+            v = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);                                 \
             m = mn; A = An; B = Bn; K = Kn; c = cn; r++; end += n;                \
         }                                                                         \
         fbn_xsst_##S(y + i, v);                                                   \
@@ -809,17 +861,17 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
                 if (g == NULL) {                       /* K == 4 */               \
                     for (ptrdiff_t k = 0; k < 4; k++) {                           \
                         fbn_d8 d = fbn_ld8_##S(xr + k * hc + c) - sh;             \
-                        a += d; b += d * d;                                       \
+                        a += d; b = fbn_fma_f64(d, d, b);                                       \
                     }                                                             \
                 } else if (K == 2) {                                              \
                     for (ptrdiff_t k = 0; k < 2; k++) {                           \
                         fbn_d8 gv = fbn_ld8_##S(gr + k * hc + c);                 \
-                        a += gv; b += gv * (fbn_ld8_##S(xr + k * hc + c) - sh);   \
+                        a += gv; b = fbn_fma_f64(gv, fbn_ld8_##S(xr + k * hc + c) - sh, b);   \
                     }                                                             \
                 } else {                                                          \
                     for (ptrdiff_t k = 0; k < 4; k++) {                           \
                         fbn_d8 gv = fbn_ld8_##S(gr + k * hc + c);                 \
-                        a += gv; b += gv * (fbn_ld8_##S(xr + k * hc + c) - sh);   \
+                        a += gv; b = fbn_fma_f64(gv, fbn_ld8_##S(xr + k * hc + c) - sh, b);   \
                     }                                                             \
                 }                                                                 \
                 fbn_st_f64(ps + c, a); fbn_st_f64(pq + c, b);                     \
@@ -830,8 +882,8 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
                 fbn_d8 a = fbn_ld_f64(ps + c), b = fbn_ld_f64(pq + c);            \
                 const fbn_d8 sh = fbn_ld_f64(shift + c);                          \
                 fbn_d8 d = fbn_ld8_##S(x + r * C + c) - sh;                       \
-                if (g == NULL) { a += d; b += d * d; }                            \
-                else { fbn_d8 gv = fbn_ld8_##S(g + r * C + c); a += gv; b += gv * d; } \
+                if (g == NULL) { a += d; b = fbn_fma_f64(d, d, b); }                            \
+                else { fbn_d8 gv = fbn_ld8_##S(g + r * C + c); a += gv; b = fbn_fma_f64(gv, d, b); } \
                 fbn_st_f64(ps + c, a); fbn_st_f64(pq + c, b);                     \
             }                                                                     \
         }                                                                         \
@@ -843,14 +895,14 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
             for (ptrdiff_t k = 0; k < K; k++) {                                   \
                 ptrdiff_t o = (r0 + i) * C + k * hc + c;                          \
                 fbn_d8 d = fbn_tld8_##S(x + o, c, C) - sh;                        \
-                if (g == NULL) { a += d; b += d * d; }                            \
-                else { fbn_d8 gv = fbn_tld8_##S(g + o, c, C); a += gv; b += gv * d; } \
+                if (g == NULL) { a += d; b = fbn_fma_f64(d, d, b); }                            \
+                else { fbn_d8 gv = fbn_tld8_##S(g + o, c, C); a += gv; b = fbn_fma_f64(gv, d, b); } \
             }                                                                     \
         }                                                                         \
         for (ptrdiff_t r = rt; r < r1; r++) {                                     \
             fbn_d8 d = fbn_tld8_##S(x + r * C + c, c, C) - sh;                    \
-            if (g == NULL) { a += d; b += d * d; }                                \
-            else { fbn_d8 gv = fbn_tld8_##S(g + r * C + c, c, C); a += gv; b += gv * d; } \
+            if (g == NULL) { a += d; b = fbn_fma_f64(d, d, b); }                                \
+            else { fbn_d8 gv = fbn_tld8_##S(g + r * C + c, c, C); a += gv; b = fbn_fma_f64(gv, d, b); } \
         }                                                                         \
         for (int i = 0; i < 8 && c + i < C; i++) { ps[c + i] = a[i]; pq[c + i] = b[i]; } \
     }                                                                             \
@@ -879,7 +931,7 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
                     kv = fbn_xcol_##S(cf + 3 * C, c, C);                          \
                 for (ptrdiff_t r = rb; r < re; r++) {                             \
                     ptrdiff_t o = r * C + c;                                      \
-                    fbn_x8_##S v = FBN_DX(FOLD, av, fbn_xtld_##S(g + o, c, C), bv,    \
+                    fbn_x8_##S v = FBN_DX(FOLD, fbn_xfma_##S, av, fbn_xtld_##S(g + o, c, C), bv,    \
                                           fbn_xtld_##S(x + o, c, C), mv, kv);     \
                     if (c + 8 <= C) fbn_xst_##S(y + o, v); else fbn_xstn_##S(y + o, C - c, v); \
                 }                                                                 \
@@ -890,7 +942,7 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
                         bv = fbn_col_##S(b, c, C);                                \
                 for (ptrdiff_t r = rb; r < re; r++) {                             \
                     ptrdiff_t o = r * C + c;                                      \
-                    V v = (fbn_tld_##S(x + o, c, C) - hv) * av + bv;              \
+                    V v = fbn_fma_##VS(fbn_tld_##S(x + o, c, C) - hv, av, bv);              \
                     if (c + W <= C) fbn_st_##S(y + o, v); else fbn_stn_##S(y + o, C - c, v); \
                 }                                                                 \
             }                                                                     \
@@ -924,19 +976,19 @@ static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,    
         r = h - i < W ? h - i : W;                                                \
         memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
         memcpy(&bv, b + c, sizeof(V));                                            \
-        fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - hv) * av + bv);         \
+        fbn_stn_##S(y + i, r, fbn_fma_##VS(fbn_ldn_##S(x + i, r, 0) - hv, av, bv));         \
         i += r; c = (c + r) % C;                                                  \
     }                                                                             \
     for (; i + W <= n; i += W) {                                                  \
         memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
         memcpy(&bv, b + c, sizeof(V));                                            \
-        fbn_sst_##S(y + i, (fbn_ld_##S(x + i) - hv) * av + bv);                   \
+        fbn_sst_##S(y + i, fbn_fma_##VS(fbn_ld_##S(x + i) - hv, av, bv));                   \
         c += W; if (c >= C) c = c >= 2 * C ? c % C : c - C;                       \
     }                                                                             \
     if ((r = n - i) > 0) {                                                        \
         memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
         memcpy(&bv, b + c, sizeof(V));                                            \
-        fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - hv) * av + bv);         \
+        fbn_stn_##S(y + i, r, fbn_fma_##VS(fbn_ldn_##S(x + i, r, 0) - hv, av, bv));         \
     }                                                                             \
 }                                                                                 \
                                                                                   \
@@ -959,11 +1011,11 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
             if (i >= n) break;                                                    \
             r = i < h ? h - i : n - i;                                            \
             if (r > 8) r = 8;                                                     \
-            fbn_xstn_##S(y + i, r, FBN_DX(FOLD, A, fbn_xldn_##S(g + i, r, 0), B,  \
+            fbn_xstn_##S(y + i, r, FBN_DX(FOLD, fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B,  \
                                           fbn_xldn_##S(x + i, r, 0), m, K));      \
         } else {                                                                  \
             r = 8;                                                                \
-            fbn_xsst_##S(y + i, FBN_DX(FOLD, A, fbn_xld_##S(g + i), B,            \
+            fbn_xsst_##S(y + i, FBN_DX(FOLD, fbn_xfma_##S, A, fbn_xld_##S(g + i), B,            \
                                        fbn_xld_##S(x + i), m, K));                \
         }                                                                         \
         i += r; c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;               \
