@@ -435,11 +435,6 @@ static inline fbn_d8 fbn_ldn8_f16(const uint16_t *p, ptrdiff_t n, uint16_t fill)
     __m128i h = _mm_mask_loadu_epi16(_mm_set1_epi16((short)fill), (__mmask8)((1u << n) - 1), p);
     return fbn_f8_to_d8((fbn_f8)_mm256_cvtph_ps(h));
 }
-static inline void fbn_stn8_f16(uint16_t *p, ptrdiff_t n, fbn_d8 v) {
-    __m128i h = _mm256_cvtps_ph((__m256)fbn_d8_to_f8(v),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_mask_storeu_epi16(p, (__mmask8)((1u << n) - 1), h);
-}
 /* Streaming (non-temporal) stores of one math vector to a 64-byte aligned
  * (float16: 32-byte aligned) address: the line is written without being read
  * first. */
@@ -451,13 +446,9 @@ static inline void fbn_sst_f16(uint16_t *p, fbn_s16 v) {
 }
 static inline void fbn_sfence(void) { _mm_sfence(); }
 /* Streaming stores of 8 float64 lanes as 8 storage elements, to an address
- * aligned to their size (32, 64 or 16 bytes). */
+ * aligned to their size (32 or 64 bytes; float16 dx lanes: fbn_xsst_f16). */
 static inline void fbn_sst8_f32(float *p, fbn_d8 v) { _mm256_stream_ps(p, (__m256)fbn_d8_to_f8(v)); }
 static inline void fbn_sst8_f64(double *p, fbn_d8 v) { _mm512_stream_pd(p, (__m512d)v); }
-static inline void fbn_sst8_f16(uint16_t *p, fbn_d8 v) {
-    _mm_stream_si128((__m128i *)p, _mm256_cvtps_ph((__m256)fbn_d8_to_f8(v),
-                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
 /* Lanes below n from a, the rest from b. */
 static inline fbn_s16 fbn_blend_s16(ptrdiff_t n, fbn_s16 a, fbn_s16 b) {
     return (fbn_s16)_mm512_mask_blend_ps((__mmask16)((1u << n) - 1), (__m512)b, (__m512)a);
@@ -478,13 +469,11 @@ static inline fbn_d8 fbn_blend_f64(ptrdiff_t n, fbn_d8 a, fbn_d8 b) {
 #define fbn_ldn_f16 fbn_ldn_gen_f16
 #define fbn_stn_f16 fbn_stn_gen_f16
 #define fbn_ldn8_f16 fbn_ldn8_gen_f16
-#define fbn_stn8_f16 fbn_stn8_gen_f16
 #define fbn_sst_f32 fbn_st_f32
 #define fbn_sst_f64 fbn_st_f64
 #define fbn_sst_f16 fbn_st_f16
 #define fbn_sst8_f32 fbn_st8_f32
 #define fbn_sst8_f64 fbn_st8_f64
-#define fbn_sst8_f16 fbn_st8_f16
 static inline void fbn_sfence(void) {}
 /* Lanes below n from a, the rest from b (a lane mask from a comparison). */
 typedef int32_t fbn_i16 __attribute__((vector_size(64)));
@@ -653,12 +642,14 @@ static inline void fbn_sums_##S(const T *x, ptrdiff_t n, double shift, T fill,  
     for (; i + 32 <= n; i += 32) {         /* four chains hide the add latency */ \
         d0 = fbn_ld8_##S(x + i) - h; d1 = fbn_ld8_##S(x + i + 8) - h;             \
         d2 = fbn_ld8_##S(x + i + 16) - h; d3 = fbn_ld8_##S(x + i + 24) - h;       \
-        a0 += d0; b0 = fbn_fma_f64(d0, d0, b0); a1 += d1; b1 = fbn_fma_f64(d1, d1, b1);                         \
-        a2 += d2; b2 = fbn_fma_f64(d2, d2, b2); a3 += d3; b3 = fbn_fma_f64(d3, d3, b3);                         \
+        a0 += d0; b0 = fbn_fma_f64(d0, d0, b0);                                   \
+        a1 += d1; b1 = fbn_fma_f64(d1, d1, b1);                                   \
+        a2 += d2; b2 = fbn_fma_f64(d2, d2, b2);                                   \
+        a3 += d3; b3 = fbn_fma_f64(d3, d3, b3);                                   \
     }                                                                             \
     for (; i < n; i += 8) {                                                       \
         d0 = (i + 8 <= n ? fbn_ld8_##S(x + i) : fbn_ldn8_##S(x + i, n - i, fill)) - h; \
-        a0 += d0; b0 = fbn_fma_f64(d0, d0, b0);                                                  \
+        a0 += d0; b0 = fbn_fma_f64(d0, d0, b0);                                   \
     }                                                                             \
     fbn_st_f64(acc, fbn_ld_f64(acc) + ((a0 + a1) + (a2 + a3)));                   \
     fbn_st_f64(acc + 8, fbn_ld_f64(acc + 8) + ((b0 + b1) + (b2 + b3)));           \
@@ -674,17 +665,18 @@ static inline void fbn_gsums_##S(const T *x, const T *g, ptrdiff_t n,           
     for (; i + 32 <= n; i += 32) {                                                \
         g0 = fbn_ld8_##S(g + i); g1 = fbn_ld8_##S(g + i + 8);                     \
         g2 = fbn_ld8_##S(g + i + 16); g3 = fbn_ld8_##S(g + i + 24);               \
-        a0 += g0; b0 = fbn_fma_f64(g0, (fbn_ld8_##S(x + i) - m), b0);                            \
-        a1 += g1; b1 = fbn_fma_f64(g1, (fbn_ld8_##S(x + i + 8) - m), b1);                        \
-        a2 += g2; b2 = fbn_fma_f64(g2, (fbn_ld8_##S(x + i + 16) - m), b2);                       \
-        a3 += g3; b3 = fbn_fma_f64(g3, (fbn_ld8_##S(x + i + 24) - m), b3);                       \
+        a0 += g0; b0 = fbn_fma_f64(g0, fbn_ld8_##S(x + i) - m, b0);               \
+        a1 += g1; b1 = fbn_fma_f64(g1, fbn_ld8_##S(x + i + 8) - m, b1);           \
+        a2 += g2; b2 = fbn_fma_f64(g2, fbn_ld8_##S(x + i + 16) - m, b2);          \
+        a3 += g3; b3 = fbn_fma_f64(g3, fbn_ld8_##S(x + i + 24) - m, b3);          \
     }                                                                             \
     for (; i < n; i += 8) {                                                       \
         if (i + 8 <= n) {                                                         \
-            g0 = fbn_ld8_##S(g + i); a0 += g0; b0 = fbn_fma_f64(g0, (fbn_ld8_##S(x + i) - m), b0); \
+            g0 = fbn_ld8_##S(g + i); a0 += g0;                                    \
+            b0 = fbn_fma_f64(g0, fbn_ld8_##S(x + i) - m, b0);                     \
         } else {                                                                  \
             g0 = fbn_ldn8_##S(g + i, n - i, 0);                                   \
-            a0 += g0; b0 = fbn_fma_f64(g0, (fbn_ldn8_##S(x + i, n - i, 0) - m), b0);             \
+            a0 += g0; b0 = fbn_fma_f64(g0, fbn_ldn8_##S(x + i, n - i, 0) - m, b0); \
         }                                                                         \
     }                                                                             \
     fbn_st_f64(acc, fbn_ld_f64(acc) + ((a0 + a1) + (a2 + a3)));                   \
@@ -793,14 +785,14 @@ static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,
     for (i = h; i + 8 <= total; i += 8) {                                         \
         fbn_x8_##S xv = fbn_xld_##S(x + i), gv = fbn_xld_##S(g + i), v;           \
         if (i + 8 <= end) {                                                       \
-            v = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);                                 \
+            v = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);                   \
         } else {                              /* lanes past `end`: run r + 1 */   \
             ptrdiff_t cn = c + 1 == C ? 0 : c + 1, k = end - i;                   \
             fbn_x8_##S mn, An, Bn, Kn;                                            \
             fbn_coef_dx_##S(cf + 4 * cn, &mn, &An, &Bn, &Kn);                     \
             m = fbn_xblend_##S(k, m, mn); A = fbn_xblend_##S(k, A, An);           \
             B = fbn_xblend_##S(k, B, Bn); K = fbn_xblend_##S(k, K, Kn);           \
-            v = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);                                 \
+            v = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);                   \
             m = mn; A = An; B = Bn; K = Kn; c = cn; r++; end += n;                \
         }                                                                         \
         fbn_xsst_##S(y + i, v);                                                   \
