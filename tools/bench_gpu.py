@@ -5,22 +5,32 @@
 For each operation (training forward, inference forward, training backward),
 layout (NCHW, NHWC), dtype (float32, float16) and shape, one row with
 
-    fastbn      median microseconds per call (cupy arrays in, cupy out)
-    eff         bytes at the floor / time / copy bandwidth: 2*E*s bytes for a
-                forward (read x, write y), 3*E*s for a backward (read x and dy,
-                write dx); the copy bandwidth is a device-to-device copy of a
-                buffer of the same size, measured in this run (1.0 = floor)
-    torch       torch.nn.functional.batch_norm on CUDA with cuDNN disabled
-                (PyTorch's native kernels); backward through autograd
-    cudnn       the same with cuDNN enabled
-    cupy-cudnn  cupy.cudnn batch normalization, where CuPy has cuDNN
-    vs best     fastbn's speed-up over the fastest of the peers
+    gpu us      device time per call: the calls are queued behind a spinning
+                kernel, so the host has issued all of them before the device
+                starts the first; the time between two events around them then
+                holds no host gaps (what a CUDA graph or an engine that keeps
+                the device fed would see)
+    eff         bytes at the floor / gpu time / copy bandwidth: 2*E*s bytes for
+                a forward (read x, write y), 3*E*s for a backward (read x and
+                dy, write dx); the copy bandwidth is a device-to-device copy of
+                a buffer of the same size, measured in this run (1.0 = floor)
+    call us     time per call when Python issues calls back to back and waits
+                for none: the larger of the host's cost per call (argument
+                checks, allocation, launches) and the device time
+    torch, cudnn  the same two times for torch.nn.functional.batch_norm on
+                CUDA with cuDNN disabled (PyTorch's native kernels) and
+                enabled; backward through autograd
+    cupy-cudnn  cupy.cudnn batch normalization, where CuPy has cuDNN (CuPy 14
+                has none)
+    vs best     fastbn's speed-up over the fastest peer, in device time and
+                in call time
 
-Timing: CUDA events around `reps` back-to-back calls after a warm-up, the
-median of several such samples, every sample followed by a synchronisation
-that raises any launch error.  Inputs are random normal data (never zeros).
-Per-call times include each library's Python overhead, which dominates tiny
-tensors.  Prints the GPU model and the command line with the table.
+Timing: CUDA events after a warm-up, the median of several samples, every
+sample followed by a synchronisation that raises any launch error.  A queued
+sample counts only if the spinning kernel was still running when the last
+call had been issued (else the spin doubles and the sample is taken again).
+Inputs are random normal data (never zeros).  Prints the GPU model and the
+command line with the table.
 
 This file is standalone (it is not part of the package): it can be folded into
 `python -m fastbn bench` later.
@@ -31,6 +41,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -42,7 +53,8 @@ EPS, MOMENTUM = 1e-5, 0.1
 
 
 def _events_time(cp, fn, reps, samples):
-    """Median seconds per call of fn over `samples` samples of `reps` calls."""
+    """Median seconds per call of fn over `samples` samples of `reps` calls
+    issued back to back from Python."""
     start, end = cp.cuda.Event(), cp.cuda.Event()
     out = []
     for _ in range(samples):
@@ -64,14 +76,76 @@ def _reps(cp, fn, target_s=0.02):
     return max(3, min(2000, int(target_s / max(t, 1e-7))))
 
 
-def copy_bandwidth(cp, nbytes, samples):
+_SPIN_SRC = r"""
+extern "C" __global__ void fbn_bench_spin(long long cycles) {
+    const long long t0 = clock64();
+    while (clock64() - t0 < cycles) { }
+}
+"""
+
+
+class Queued:
+    """Device time per call: `reps` calls queued behind a spinning kernel."""
+
+    def __init__(self, cp):
+        self.cp = cp
+        self.spin = cp.RawKernel(_SPIN_SRC, "fbn_bench_spin")
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        self.hz = props["clockRate"] * 1e3          # the highest SM clock: spins at least this long
+
+    def time(self, fn, reps, samples, host_s):
+        cp = self.cp
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        spin_s = 1.5 * reps * host_s + 2e-4
+        out = []
+        while len(out) < samples:
+            self.spin((1,), (1,), (np.int64(spin_s * self.hz),))
+            start.record()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            end.record()
+            issued = time.perf_counter() - t0
+            ok = not start.done                # the device has not reached start yet
+            end.synchronize()
+            if ok:
+                out.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / reps)
+            else:
+                spin_s = 2 * max(spin_s, issued)
+                if spin_s > 5.0:
+                    raise RuntimeError("calls could not be queued ahead of the device")
+        cp.cuda.Device().synchronize()
+        return statistics.median(out)
+
+
+def measure(cp, queued, fn, samples, strict=True):
+    """(device seconds per call, call seconds per call) of fn.  The device
+    time is None for a peer whose calls wait for the device (strict=False)."""
+    call = _events_time(cp, fn, _reps(cp, fn), samples)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        fn()
+    host = (time.perf_counter() - t0) / 5
+    cp.cuda.Device().synchronize()
+    # enough calls that the device works for about a millisecond, at most 200
+    reps = max(5, min(200, int(1e-3 / max(call, 1e-7)) * 4))
+    try:
+        return queued.time(fn, reps, samples, host), call
+    except RuntimeError:
+        if strict:
+            raise
+        return None, call
+
+
+def copy_bandwidth(cp, queued, nbytes, samples):
+    """Bytes read + written per second by a device-to-device copy of nbytes
+    (device time, queued)."""
     src = cp.random.standard_normal(max(1, nbytes // 4), dtype=cp.float32)
     dst = cp.empty_like(src)
 
     def copy():
         cp.copyto(dst, src)
-    reps = _reps(cp, copy)
-    return 2 * src.nbytes / _events_time(cp, copy, reps, samples)
+    return 2 * src.nbytes / measure(cp, queued, copy, samples)[0]
 
 
 def fastbn_calls(cp, fastbn, x, dy, w, b, stats, axis):
@@ -153,6 +227,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write every number to this file")
     ap.add_argument("--dtypes", default="float32,float16")
     ap.add_argument("--samples", type=int, default=7)
+    ap.add_argument("--shapes", help="comma-separated NxCxHxW list (default: the full set)")
     opts = ap.parse_args(argv)
 
     import cupy as cp
@@ -166,6 +241,9 @@ def main(argv=None):
 
     samples = 3 if opts.quick else opts.samples
     shapes = QUICK_SHAPES if opts.quick else SHAPES
+    if opts.shapes:
+        shapes = [tuple(int(v) for v in t.split("x")) for t in opts.shapes.split(",")]
+    queued = Queued(cp)
     dev = cp.cuda.Device()
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
@@ -175,8 +253,8 @@ def main(argv=None):
               f"torch {torch.__version__ if torch else 'n/a'}, Python {platform.python_version()}; "
               f"fastbn kernels precompiled: {n}",
               f"command: python3 {' '.join(sys.argv)}", ""]
-    cols = ["op", "layout", "shape", "dtype", "fastbn us", "eff", "torch us", "cudnn us",
-            "cupy-cudnn us", "vs best"]
+    cols = ["op", "layout", "shape", "dtype", "gpu us", "eff", "call us", "torch gpu / call",
+            "cudnn gpu / call", "cupy-cudnn gpu / call", "vs best gpu / call"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     rows = []
     rng = np.random.default_rng(0)
@@ -188,7 +266,7 @@ def main(argv=None):
             E = int(np.prod(shape))
             nbytes = E * np_dt.itemsize
             if nbytes not in bw_cache:
-                bw_cache[nbytes] = copy_bandwidth(cp, nbytes, samples)
+                bw_cache[nbytes] = copy_bandwidth(cp, queued, nbytes, samples)
             bw = bw_cache[nbytes]
             C = shape[1]
             for layout in ("nchw", "nhwc"):
@@ -217,26 +295,37 @@ def main(argv=None):
                 if cc:
                     peers["cupy-cudnn"] = cc
                 for op in OPS:
-                    t = _events_time(cp, fb[op], _reps(cp, fb[op]), samples)
+                    t, tc = measure(cp, queued, fb[op], samples)
                     floor = (3 if op == "backward" else 2) * nbytes
                     res = {"op": op, "layout": layout, "shape": list(shape), "dtype": dtype,
-                           "fastbn_s": t, "eff": floor / t / bw, "copy_GBps": bw / 1e9}
+                           "fastbn_s": t, "fastbn_call_s": tc, "eff": floor / t / bw,
+                           "copy_GBps": bw / 1e9}
                     for pname, calls in peers.items():
                         fn = calls.get(op)
-                        res[pname + "_s"] = None if fn is None else _events_time(
-                            cp, fn, _reps(cp, fn), samples)
-                    best = min((v for k, v in res.items() if k.endswith("_s") and
-                                k != "fastbn_s" and v), default=None)
-                    res["vs_best"] = None if best is None else best / t
+                        pt, pc = (None, None) if fn is None else measure(cp, queued, fn, samples,
+                                                                           strict=False)
+                        res[pname + "_s"], res[pname + "_call_s"] = pt, pc
+                    for kind, suffix in (("gpu", "_s"), ("call", "_call_s")):
+                        best = min((res[p + suffix] for p in peers if res.get(p + suffix)),
+                                   default=None)
+                        res["vs_best_" + kind] = None if best is None else best / res[
+                            "fastbn" + suffix]
                     rows.append(res)
 
                     def us(v):
                         return "n/a" if v is None else f"{v * 1e6:.1f}"
+
+                    def pair(name):
+                        if res.get(name + "_call_s") is None:
+                            return "n/a"
+                        return f"{us(res[name + '_s'])} / {us(res[name + '_call_s'])}"
+
+                    def ratio(v):
+                        return "n/a" if v is None else f"{v:.2f}x"
                     lines.append("| " + " | ".join([
                         op, layout, "x".join(map(str, shape)), dtype, us(t), f"{res['eff']:.2f}",
-                        us(res.get("torch_s")), us(res.get("cudnn_s")),
-                        us(res.get("cupy-cudnn_s")),
-                        "n/a" if res["vs_best"] is None else f"{res['vs_best']:.2f}x"]) + " |")
+                        us(tc), pair("torch"), pair("cudnn"), pair("cupy-cudnn"),
+                        f"{ratio(res['vs_best_gpu'])} / {ratio(res['vs_best_call'])}"]) + " |")
                     print(lines[-1], flush=True)
     text = "\n".join(header + ["copy bandwidth (device to device, bytes read + written): "
                                + ", ".join(f"{k / 2**20:.1f} MiB: {v / 1e9:.0f} GB/s"
