@@ -17,7 +17,9 @@ Launches go on the current CuPy stream of the current device and nothing on
 the hot path synchronises with the host.  A training forward is two launches
 (statistics with its last-block finalise, then normalisation), an inference
 forward one, a backward two (sums, then dx) or one (eval mode without
-dweight / dbias).
+dweight / dbias).  When the geometry has one split (every block owns whole
+channels), the reduction kernel also does the element-wise pass and the
+training forward and backward are one launch each.
 """
 
 import os
@@ -116,8 +118,18 @@ MIN_VECTORS = 4            # channels-first: least vectors per thread per split
 MIN_ROWS = 4               # channels-last: least rows per thread per split
 MAX_SPLITS = 1024          # bounds the last block's merge
 MAX_LANES = 32             # channels-last: vector lanes (threads) across a tile
+TILE_BYTES = 512           # channels-last: bytes of each row a tile covers at most
+# The same for the reductions (see launch_geometry), by item size: measured on
+# an H200, 128 bytes beat 256 for float16 (256x256x14x14 NHWC training
+# forward 42.8 against 52.1 us) and lost for float32 (64x256x56x56 NHWC
+# backward 302 against 264 us).
+REDUCE_TILE_BYTES = {2: 128, 4: 256, 8: 256}
 MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_BLOCKS_PER_SM = 32
+# Channels-first: one split per channel (one fused launch, the second read
+# from L2) when there are channels for every multiprocessor and the bytes a
+# fused launch re-reads are at most this fraction of the L2 cache.
+FUSE_L2_FRACTION = 1.0
 
 
 def _cdiv(a, b):
@@ -128,7 +140,8 @@ def _pow2ceil(n):
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def launch_geometry(layout, shape, itemsize, sm_count, *, aligned=True, blocks_per_sm=4):
+def launch_geometry(layout, shape, itemsize, sm_count, *, aligned=True, blocks_per_sm=4,
+                    fuse_bytes=0, l2_bytes=0, tile_bytes=TILE_BYTES):
     """Grid and block for the kernels of one call.
 
     Parameters
@@ -140,15 +153,25 @@ def launch_geometry(layout, shape, itemsize, sm_count, *, aligned=True, blocks_p
     aligned : every data pointer of the call is 16-byte aligned
     blocks_per_sm : resident blocks of MAX_THREADS threads per multiprocessor
         the grid should fill (one wave: the kernels loop over their ranges)
+    fuse_bytes, l2_bytes : bytes a fused reduction + element-wise launch
+        reads twice (x, or x and dy), and the device's L2 size
+    tile_bytes : channels-last: the most bytes of a row one tile covers
 
     Channels-first: a (C, splits) grid of 1-D blocks; a channel is split over
     several blocks when C alone would not fill the device, but never so finely
     that a thread gets fewer than MIN_VECTORS vectors.  Blocks shrink (to a
-    warp at least) for short channels.
+    warp at least) for short channels.  One split when C >= sm_count and
+    fuse_bytes fit in FUSE_L2_FRACTION of the L2: the launch is then fused.
 
     Channels-last: a (tiles, splits) grid of (TX, TY) blocks; a tile is TX
-    lanes of `vec` channels, TX <= MAX_LANES spread evenly over the channels;
-    TY rows of threads, splits row ranges of at least MIN_ROWS rows a thread.
+    lanes of `vec` channels, at most MAX_LANES lanes and tile_bytes of a
+    row, spread evenly over the channels; TY rows of threads, splits row
+    ranges of at least MIN_ROWS rows a thread.  The reductions ask for
+    narrower tiles (REDUCE_TILE_BYTES) than the element-wise pass: the last
+    block of a tile merges splits x (channels of the tile) partials, splits /
+    TY of them in a row per thread, and with one wide tile that tail costs
+    more than the whole pass (seen on an H200: 1.6 MB of partials for 256
+    float16 channels).
     """
     if itemsize not in (2, 4, 8):
         raise ValueError(f"itemsize must be 2, 4 or 8, got {itemsize}")
@@ -162,6 +185,8 @@ def launch_geometry(layout, shape, itemsize, sm_count, *, aligned=True, blocks_p
         target = min(target * (MAX_THREADS // threads), sm_count * MAX_BLOCKS_PER_SM)
         splits = min(_cdiv(target, C), nv // (threads * MIN_VECTORS), MAX_SPLITS)
         splits = max(1, splits)
+        if C >= sm_count and 0 < fuse_bytes <= FUSE_L2_FRACTION * l2_bytes:
+            splits = 1
         if C > MAX_GRID[0]:
             raise ValueError(f"too many channels for one grid: {C}")
         return Geometry((C, splits, 1), (threads, 1, 1), int(vec), splits)
@@ -169,7 +194,7 @@ def launch_geometry(layout, shape, itemsize, sm_count, *, aligned=True, blocks_p
         M, C = shape
         vec = aligned and C % width == 0
         lanes = C // width if vec else C
-        tiles = _cdiv(lanes, MAX_LANES)
+        tiles = _cdiv(lanes, max(1, min(MAX_LANES, tile_bytes // (16 if vec else itemsize))))
         tx = _cdiv(lanes, tiles)
         ty = max(1, min(MAX_THREADS // tx, M))
         splits = min(_cdiv(target, tiles), M // (ty * MIN_ROWS), MAX_SPLITS)
@@ -217,13 +242,15 @@ class _Device:
     last-block counters per stream (each launch leaves them at zero, so launches
     in stream order can share them).  They only grow."""
 
-    def __init__(self, device_id, sm_count, regs_per_sm):
+    def __init__(self, device_id, sm_count, regs_per_sm, l2_bytes=0):
         self.id = device_id
         self.sm_count = sm_count
         self.regs_per_sm = regs_per_sm
+        self.l2_bytes = l2_bytes
         self.module = None
         self.kernels = {}
         self.occupancy = {}
+        self.plans = {}
         self.counters = {}
         self.local = threading.local()
         self.lock = threading.Lock()
@@ -302,7 +329,8 @@ def _device_state(device_id):
                 props = _cupy().cuda.runtime.getDeviceProperties(device_id)
                 dev = _DEVICES[device_id] = _Device(
                     device_id, int(props["multiProcessorCount"]),
-                    int(props.get("regsPerMultiprocessor", 65536)))
+                    int(props.get("regsPerMultiprocessor", 65536)),
+                    int(props.get("l2CacheSize", 0)))
     return dev
 
 
@@ -325,10 +353,11 @@ def _ptr(a):
 
 
 def _aligned(*arrays):
+    bits = 0
     for a in arrays:
-        if a is not None and _ptr(a) % 16:
-            return False
-    return True
+        if a is not None:
+            bits |= _ptr(a)
+    return not bits & 15
 
 
 def _or0(a):
@@ -361,39 +390,64 @@ def precompile(device=None):
 # ----------------------------------------------------------------------------
 # the passes
 
-def _setup(layout, x, aligned_arrays, reduction, ew):
+def _setup(layout, x, aligned_arrays, reduction, ew, reread=0):
+    """Device state, geometry and kernels of one call; `reread`: how many
+    arrays of x's size a fused launch would read twice (0: no reduction).
+    Kept per device by (layout, kernels, dtype, shape, alignment): a repeated
+    call costs one dictionary lookup."""
     dev = _state(x)
-    dname = x.dtype.name
-    if dname not in _CTYPES:
-        raise TypeError(f"fastbn GPU backend: unsupported dtype {x.dtype}")
-    red = kernel_name(reduction, dname) if reduction else None
-    ewn = kernel_name(ew, dname)
-    names = (red, ewn) if red else (ewn,)
-    geo = _geometry(layout, tuple(x.shape), x.dtype.itemsize, dev.sm_count,
-                    aligned=_aligned(*aligned_arrays), blocks_per_sm=dev.blocks_per_sm(names))
-    return dev, geo, (dev.kernel(red) if red else None), dev.kernel(ewn)
+    aligned = _aligned(*aligned_arrays)
+    key = (layout, reduction, ew, x.dtype, x.shape, aligned)
+    plan = dev.plans.get(key)
+    if plan is None:
+        dname = x.dtype.name
+        if dname not in _CTYPES:
+            raise TypeError(f"fastbn GPU backend: unsupported dtype {x.dtype}")
+        red = kernel_name(reduction, dname) if reduction else None
+        ewn = kernel_name(ew, dname)
+        names = (red, ewn) if red else (ewn,)
+        geo = _geometry(layout, tuple(x.shape), x.dtype.itemsize, dev.sm_count,
+                        aligned=aligned, blocks_per_sm=dev.blocks_per_sm(names),
+                        fuse_bytes=reread * x.nbytes, l2_bytes=dev.l2_bytes,
+                        tile_bytes=REDUCE_TILE_BYTES[x.dtype.itemsize] if red else TILE_BYTES)
+        # The element-wise launch after a channels-last reduction of several
+        # splits takes the wide tiles; channels-first keeps the reduction's
+        # grid (its backward walk re-reads what the reduction read last).
+        geo_ew = geo
+        if red and layout == NHWC and geo.splits > 1:
+            geo_ew = _geometry(layout, tuple(x.shape), x.dtype.itemsize, dev.sm_count,
+                               aligned=aligned, blocks_per_sm=dev.blocks_per_sm(names))
+        plan = (dev, geo, (dev.kernel(red) if red else None), dev.kernel(ewn), geo_ew)
+        if len(dev.plans) >= 4096:
+            dev.plans.clear()
+        dev.plans[key] = plan
+    return plan
 
 
 def _forward_train(layout, x, y, weight, bias, mean, invstd, running_mean, running_var,
                    factor, eps):
     _check_buffers(weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var)
-    dev, geo, stats, ew = _setup(layout, x, (x, y), "fbn_stats_" + layout, "fbn_ew_" + layout)
+    dev, geo, stats, ew, geo_ew = _setup(layout, x, (x, y), "fbn_stats_" + layout,
+                                         "fbn_ew_" + layout, reread=1)
     C = x.shape[1]
     part, coef, counter = dev.workspace(3 * C * geo.splits, 4 * C, geo.grid[0])
     dims = tuple(x.shape)
+    fused = geo.splits == 1
     stats(geo.grid, geo.block,
           (x, _or0(weight), _or0(bias), mean, invstd, _or0(running_mean), _or0(running_var),
-           coef, part, counter, *dims, float(factor), float(eps), geo.vec))
-    ew(geo.grid, geo.block,
+           coef, part, counter, *dims, float(factor), float(eps), geo.vec, y if fused else 0))
+    if fused:
+        return
+    ew(geo_ew.grid, geo_ew.block,
        (x, 0, y, coef, 0, 0, 0, 0, 0, 0, 0, 0, *dims, float(eps), OP_FWD, MODE_TABLE,
-        geo.vec, 1))
+        geo_ew.vec, 1))
 
 
 def _forward_infer(layout, x, y, weight, bias, mean, invstd, running_mean, running_var, eps):
     _check_buffers(weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var)
-    dev, geo, _, ew = _setup(layout, x, (x, y), None, "fbn_ew_" + layout)
+    dev, geo, _, ew, _ = _setup(layout, x, (x, y), None, "fbn_ew_" + layout)
     ew(geo.grid, geo.block,
        (x, 0, y, 0, 0, 0, running_mean, running_var, _or0(weight), _or0(bias), mean, invstd,
         *tuple(x.shape), float(eps), OP_FWD, MODE_INFER, geo.vec, 0))
@@ -406,21 +460,24 @@ def _backward(layout, x, dy, dx, mean, invstd, weight, dweight, dbias, training)
     dims = tuple(x.shape)
     if not reduce:
         # Eval mode, no parameter gradients: dx = dy * weight * invstd.
-        dev, geo, _, ew = _setup(layout, x, (dy, dx), None, "fbn_ew_" + layout)
+        dev, geo, _, ew, _ = _setup(layout, x, (dy, dx), None, "fbn_ew_" + layout)
         ew(geo.grid, geo.block,
            (x, dy, dx, 0, mean, invstd, 0, 0, _or0(weight), 0, 0, 0, *dims, 0.0, OP_BWD_EVAL,
             MODE_EVAL, geo.vec, 0))
         return
-    dev, geo, gsum, ew = _setup(layout, x, (x, dy, dx), "fbn_gsum_" + layout,
-                                "fbn_ew_" + layout)
+    dev, geo, gsum, ew, geo_ew = _setup(layout, x, (x, dy, dx), "fbn_gsum_" + layout,
+                                        "fbn_ew_" + layout, reread=2)
     C = x.shape[1]
     part, coef, counter = dev.workspace(2 * C * geo.splits, 4 * C, geo.grid[0])
+    fused = geo.splits == 1
     gsum(geo.grid, geo.block,
          (x, dy, mean, invstd, _or0(weight), _or0(dweight), _or0(dbias), coef, part, counter,
-          *dims, int(training), geo.vec))
-    ew(geo.grid, geo.block,
+          *dims, int(training), geo.vec, dx if fused else 0))
+    if fused:
+        return
+    ew(geo_ew.grid, geo_ew.block,
        (x, dy, dx, coef, 0, 0, 0, 0, 0, 0, 0, 0, *dims, 0.0,
-        OP_BWD_TRAIN if training else OP_BWD_EVAL, MODE_TABLE, geo.vec, 1))
+        OP_BWD_TRAIN if training else OP_BWD_EVAL, MODE_TABLE, geo_ew.vec, 1))
 
 
 # ----------------------------------------------------------------------------

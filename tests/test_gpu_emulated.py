@@ -179,10 +179,10 @@ def test_empty_batch_kernels(dev, layout):
 # launches, counters, geometry
 
 def test_launch_counts(emu, rng):
-    """Training forward: two launches (statistics, normalise); inference:
-    one; backward: two (sums, dx), or one in eval mode without dweight /
-    dbias."""
-    x = G.make_x(rng, (4, 3, 20, 20), np.float32)
+    """Training forward: two launches (statistics, normalise), or one when
+    the geometry has one split (the statistics kernel normalises too);
+    inference: one; backward: two (sums, dx), or one with one split, or in
+    eval mode without dweight / dbias."""
     w = np.ones(3, np.float32)
     stats = fastbn.RunningStats(3)
     log = emu.log
@@ -192,14 +192,19 @@ def test_launch_counts(emu, rng):
         out = fn()
         return [name.split("<")[0] for name, _, _ in log[n:]], out
 
-    names, (y, ctx) = launches(lambda: fastbn.forward(x, w, None, stats))
-    assert names == ["fbn_stats_nchw", "fbn_ew_nchw"]
-    assert launches(lambda: fastbn.backward(x, ctx))[0] == ["fbn_gsum_nchw", "fbn_ew_nchw"]
-    names, (y, ctx) = launches(lambda: fastbn.forward(x, w, None, stats, training=False))
-    assert names == ["fbn_ew_nchw"]
-    assert launches(lambda: fastbn.backward(x, ctx))[0] == ["fbn_gsum_nchw", "fbn_ew_nchw"]
-    _, ctx = fastbn.forward(x, stats=stats, training=False)
-    assert launches(lambda: fastbn.backward(x, ctx))[0] == ["fbn_ew_nchw"]
+    for hw, splits in ((64, True), (20, False)):
+        x = G.make_x(rng, (4, 3, hw, hw), np.float32)
+        geo = _gpu.launch_geometry("nchw", (4, 3, hw * hw), 4, emu.device.sm_count)
+        assert (geo.splits > 1) == splits
+        two = ["fbn_ew_nchw"] if splits else []
+        names, (y, ctx) = launches(lambda: fastbn.forward(x, w, None, stats))
+        assert names == ["fbn_stats_nchw"] + two
+        assert launches(lambda: fastbn.backward(x, ctx))[0] == ["fbn_gsum_nchw"] + two
+        names, (y, ctx) = launches(lambda: fastbn.forward(x, w, None, stats, training=False))
+        assert names == ["fbn_ew_nchw"]
+        assert launches(lambda: fastbn.backward(x, ctx))[0] == ["fbn_gsum_nchw"] + two
+        _, ctx = fastbn.forward(x, stats=stats, training=False)
+        assert launches(lambda: fastbn.backward(x, ctx))[0] == ["fbn_ew_nchw"]
 
 
 def test_counters_are_reset_by_the_last_block(emu, rng):
@@ -215,7 +220,7 @@ def test_counters_are_reset_by_the_last_block(emu, rng):
 
 def _forced(nchw_block, nchw_splits, nhwc_tx, nhwc_ty, nhwc_splits):
     """A launch_geometry replacement with the given (valid) shapes."""
-    def geometry(layout, shape, itemsize, sm_count, *, aligned=True, blocks_per_sm=4):
+    def geometry(layout, shape, itemsize, sm_count, *, aligned=True, blocks_per_sm=4, **_):
         width = 16 // itemsize
         if layout == "nchw":
             N, C, S = shape

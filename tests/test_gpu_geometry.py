@@ -10,6 +10,7 @@ import pytest
 
 from fastbn import _gpu
 from fastbn._gpu import (MAX_GRID, MAX_LANES, MAX_SPLITS, MAX_THREADS, MIN_ROWS, MIN_VECTORS,
+                         REDUCE_TILE_BYTES,
                          launch_geometry)
 
 H200_SMS = 132
@@ -87,9 +88,21 @@ def test_nhwc_two_dimensional_grid():
     g = launch_geometry("nhwc", (32 * 56 * 56, 256), 4, H200_SMS)
     assert g.vec == 1 and g.grid[0] == 2 and g.block == (32, 8, 1)
     assert g.splits > 1 and g.grid[0] * g.splits >= H200_SMS * 4 - 1
+    # the reductions' narrower tiles: float32, 16 lanes of 16 bytes, 16 rows
+    # of threads (the last block of a tile merges 132 splits, 9 in a row per
+    # thread); float16, 8 lanes and 32 rows (66 splits, 3 in a row)
+    g = launch_geometry("nhwc", (32 * 56 * 56, 256), 4, H200_SMS,
+                        tile_bytes=REDUCE_TILE_BYTES[4])
+    assert g.grid == (4, 132, 1) and g.block == (16, 16, 1)
+    g = launch_geometry("nhwc", (32 * 56 * 56, 256), 2, H200_SMS,
+                        tile_bytes=REDUCE_TILE_BYTES[2])
+    assert g.grid == (4, 132, 1) and g.block == (8, 32, 1)
     # lanes spread evenly over the tiles: 600 float32 channels = 150 lanes
     g = launch_geometry("nhwc", (4000, 600), 4, H200_SMS)
     assert g.grid[0] == 5 and g.block[0] == 30
+    # scalar accesses: up to 32 lanes of 4 bytes
+    g = launch_geometry("nhwc", (4000, 601), 4, H200_SMS)
+    assert g.vec == 0 and g.block[0] == 32 and g.grid[0] == 19
     # small C: one tile, tall blocks
     g = launch_geometry("nhwc", (100_000, 3), 4, H200_SMS)
     assert g.vec == 0 and g.grid[0] == 1 and g.block == (3, MAX_THREADS // 3, 1)
@@ -171,3 +184,18 @@ def test_gpu_backend_without_cupy_is_a_clear_type_error(monkeypatch):
         _dispatch.backend("gpu")
     with pytest.raises(TypeError, match=r"install fastbn\[gpu\]"):
         _dispatch.precompile()
+
+
+def test_one_split_when_the_reread_fits_in_l2():
+    """Channels-first, C >= the SM count: one split (one fused launch) when the
+    bytes read twice fit in the L2, the usual splits when they do not."""
+    shape, l2 = (256, 256, 196), 60 * 2**20
+    nbytes = 256 * 256 * 196 * 4
+    assert launch_geometry("nchw", shape, 4, H200_SMS).splits > 1
+    assert launch_geometry("nchw", shape, 4, H200_SMS, fuse_bytes=nbytes, l2_bytes=l2).splits == 1
+    assert launch_geometry("nchw", shape, 4, H200_SMS, fuse_bytes=2 * nbytes,
+                           l2_bytes=l2).splits > 1
+    # too few channels to fill the device with one block each: split anyway
+    small_c = (256, 64, 784)
+    assert launch_geometry("nchw", small_c, 4, H200_SMS, fuse_bytes=1 << 20,
+                           l2_bytes=l2).splits > 1

@@ -88,6 +88,7 @@ template <> struct Traits<float> { typedef float P; typedef float M; enum { VEC 
 template <> struct Traits<double> { typedef double P; typedef double M; enum { VEC = 2 }; };
 template <> struct Traits<__half> { typedef float P; typedef float M; enum { VEC = 8 }; };
 template <> struct Traits<__nv_bfloat16> { typedef float P; typedef float M; enum { VEC = 8 }; };
+template <class T> using MathT = typename Traits<T>::M;
 
 __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ double widen(double v) { return v; }
@@ -258,6 +259,29 @@ __device__ __forceinline__ Sum2D shfl_down(const Sum2D& v, int off) {
     return o;
 }
 
+// a[j] <- a[j] merged with b[j] for every lane j of a thread's state array.
+// A thread's lanes have seen the same rows, so they share their counts: the
+// merge weights are computed once for all of them (the same values, and so
+// the same bits, as merge() per lane).
+template <int V>
+__device__ __forceinline__ void merge_lanes(WelfordD (&a)[V], const WelfordD (&b)[V]) {
+    if (b[0].n == 0) return;
+    const double n = a[0].n + b[0].n;
+    const double r = b[0].n / n;
+    const double w = a[0].n * r;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        merge_moments(a[j].mean, a[j].m2, b[j].mean, b[j].m2, r, w);
+        a[j].n = n;
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void merge_lanes(Sum2D (&a)[V], const Sum2D (&b)[V]) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) a[j] = merge(a[j], b[j]);
+}
+
 // ---------------------------------------------------------------------------
 // Reductions over a 1-D block (blockDim.x a multiple of 32, at most 1024).
 
@@ -304,10 +328,15 @@ __device__ __forceinline__ void column_reduce(S (&w)[V], S* sm) {
         __syncthreads();
         for (int s = top; s > 0; s >>= 1) {
             if (ty < s && ty + s < TY) {
+                S a[VC], b[VC];
 #pragma unroll
-                for (int j = 0; j < VC; ++j)
-                    sm[(ty * TX + tx) * VC + j] = merge(sm[(ty * TX + tx) * VC + j],
-                                                        sm[((ty + s) * TX + tx) * VC + j]);
+                for (int j = 0; j < VC; ++j) {
+                    a[j] = sm[(ty * TX + tx) * VC + j];
+                    b[j] = sm[((ty + s) * TX + tx) * VC + j];
+                }
+                merge_lanes(a, b);
+#pragma unroll
+                for (int j = 0; j < VC; ++j) sm[(ty * TX + tx) * VC + j] = a[j];
             }
             __syncthreads();
         }
@@ -404,15 +433,17 @@ __device__ __forceinline__ bool merge_column_splits(S (&st)[V], S* sm, double* p
         for (int j = 0; j < V; ++j) put_partial(part, stride, split * C + c0 + j, st[j]);
     }
     if (!last_block_done(counter, (unsigned int)splits)) return false;
+    // Split k's partials for lanes j = 0..V-1 are loaded together (V independent
+    // loads of each field), then merged with one set of weights: the chain of
+    // dependent steps is splits / TY long, not V times that.
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-        st[j] = empty_state((S*)0);
-        if (active) {
-            for (long long k = ty; k < splits; k += TY) {
-                S p;
-                get_partial(part, stride, k * C + c0 + j, p);
-                st[j] = merge(st[j], p);
-            }
+    for (int j = 0; j < V; ++j) st[j] = empty_state((S*)0);
+    if (active) {
+        for (long long k = ty; k < splits; k += TY) {
+            S p[V];
+#pragma unroll
+            for (int j = 0; j < V; ++j) get_partial(part, stride, k * C + c0 + j, p[j]);
+            merge_lanes(st, p);
         }
     }
     column_reduce(st, sm);
