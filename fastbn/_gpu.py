@@ -26,7 +26,6 @@ import os
 import re
 import threading
 from collections import namedtuple
-from functools import lru_cache
 
 NCHW, NHWC = "nchw", "nhwc"
 
@@ -205,7 +204,9 @@ def launch_geometry(layout, shape, itemsize, sm_count, *, aligned=True, blocks_p
     raise ValueError(f"layout must be 'nchw' or 'nhwc', got {layout!r}")
 
 
-_geometry = lru_cache(maxsize=4096)(launch_geometry)
+# Looked up per call only on a plan miss (_setup keeps the result); a name of
+# its own so that tests can substitute another geometry.
+_geometry = launch_geometry
 
 
 # ----------------------------------------------------------------------------

@@ -150,13 +150,11 @@ def fuse(shapes, dtypes, samples=7):
                 for _ in range(2):
                     for frac in (1.0, 0.0):
                         _gpu.FUSE_L2_FRACTION = frac
-                        _gpu._geometry.cache_clear()
                         for d in _gpu._DEVICES.values():
                             d.plans.clear()
                         t = bench_gpu.measure(cp, queued, fn, samples)[0]
                         res.setdefault(frac, []).append(t)
                 _gpu.FUSE_L2_FRACTION = 1.0
-                _gpu._geometry.cache_clear()
                 for d in _gpu._DEVICES.values():
                     d.plans.clear()
                 print(f"{dt} {shape} {op}: fused-if-fits " +
