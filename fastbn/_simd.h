@@ -130,6 +130,18 @@ static inline fbn_d8 fbn_f8_to_d8(fbn_f8 v) { return __builtin_convertvector(v, 
 static inline fbn_f8 fbn_d8_to_f8(fbn_d8 v) { return __builtin_convertvector(v, fbn_f8); }
 #endif
 
+/* Loops that write with streaming stores prefetch what they read this many
+ * bytes ahead, non-temporal (prefetchnta).  Measured on the dev VM (Zen 4, one
+ * thread, 25.7 MB): the channels-last inference pass 1.40 -> 1.05 ms with 256
+ * channels and 2.19 -> 1.56 ms with 2048; the streaming copy of the floor
+ * 12 % faster.  The hardware prefetchers alone keep too few lines in flight
+ * while the stores stream out.  0 turns it off. */
+#ifndef FBN_PF_BYTES
+#define FBN_PF_BYTES 4096
+#endif
+#define FBN_PF(p) do { if (FBN_PF_BYTES) \
+    __builtin_prefetch((const char *)(p) + FBN_PF_BYTES, 0, 0); } while (0)
+
 /* A copy whose whole 64-byte lines of dst are written with streaming stores
  * (no read for ownership): with memcpy, the memory floor of the benchmarks
  * (glibc's memcpy streams only above a threshold it derives from the cache
@@ -142,6 +154,7 @@ static inline void fbn_stream_copy(char *d, const char *s, size_t n) {
     if (h > n) h = n;
     memcpy(d, s, h);
     for (i = h; i + 64 <= n; i += 64) {
+        FBN_PF(s + i);
         __m128i a = _mm_loadu_si128((const __m128i *)(s + i));
         __m128i b = _mm_loadu_si128((const __m128i *)(s + i + 16));
         __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32));
@@ -731,6 +744,7 @@ static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr, 
     H = SPLAT(hi); A = SPLAT((M)cf[4 * c + 1]); B = SPLAT(bf);                    \
     end = n;                                  /* end of run r in the span */      \
     for (i = h; i + W <= total; i += W) {                                         \
+        FBN_PF(x + i);                                                            \
         V v = fbn_ld_##S(x + i);                                                  \
         if (i + W <= end) {                                                       \
             v = (v - H) * A + B;                                                  \
@@ -783,6 +797,7 @@ static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,
     if (h > 0) fbn_dx8_##S(x, g, y, h, cf[4 * c], cf[4 * c + 1], cf[4 * c + 2], cf[4 * c + 3]); \
     fbn_coef_dx_##S(cf + 4 * c, &m, &A, &B, &K);                                  \
     for (i = h; i + 8 <= total; i += 8) {                                         \
+        FBN_PF(x + i); FBN_PF(g + i);                                             \
         fbn_x8_##S xv = fbn_xld_##S(x + i), gv = fbn_xld_##S(g + i), v;           \
         if (i + 8 <= end) {                                                       \
             v = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);                   \
@@ -980,6 +995,7 @@ static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,    
     for (; i + W <= n; i += W) {                                                  \
         memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
         memcpy(&bv, b + c, sizeof(V));                                            \
+        FBN_PF(x + i);                                                            \
         fbn_sst_##S(y + i, (fbn_ld_##S(x + i) - hv) * av + bv);                   \
         c += W; if (c >= C) c = c >= 2 * C ? c % C : c - C;                       \
     }                                                                             \
@@ -1013,6 +1029,7 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
                                           fbn_xldn_##S(x + i, r, 0), m, K));      \
         } else {                                                                  \
             r = 8;                                                                \
+            FBN_PF(x + i); FBN_PF(g + i);                                         \
             fbn_xsst_##S(y + i, FBN_DX(FOLD, fbn_xfma_##S, A, fbn_xld_##S(g + i), B,            \
                                        fbn_xld_##S(x + i), m, K));                \
         }                                                                         \
