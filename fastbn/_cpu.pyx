@@ -124,10 +124,6 @@ DEF RUN_BYTES = 131072
 DEF STREAMS = 4
 # Channels-last: channel tiles of the reduction tasks.
 DEF CTASK = 256
-# Channels-last training dx streams only while its four padded float64
-# coefficient columns fit in L1 (with 2048 channels, 66 KiB, it was 4-7%
-# slower than the ordinary row-step loop; 1024 channels: even).
-DEF STREAM_DX_COLS = 32768
 # Channels-first runs at least this long go through the streaming span writer
 # (fbn_span_nt: a vector crosses at most one run boundary, and the aligned
 # head fits in the first run for every dtype).
@@ -735,7 +731,7 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
         if op == 0 and j.stream:       # streaming stores (see Job.stream)
             cl_nt(x + t * rb * j.C, <data_t*>j.y + t * rb * j.C, (r1 - t * rb) * j.C, j.C,
                   cols)
-        elif op == 1 and j.stream and 32 * (j.C + FBN_COLPAD) <= STREAM_DX_COLS:
+        elif op == 1 and j.stream:
             cl_dx_nt(x + t * rb * j.C, g + t * rb * j.C, <data_t*>j.y + t * rb * j.C,
                      (r1 - t * rb) * j.C, j.C, dcols)
         else:
@@ -774,7 +770,7 @@ cdef inline void fold_dx_cols(const data_t* x, Job* j, double* cf, double* dcols
             fbn_xfold_f32(&cf[i], &cf[3 * C + i], cf[2 * C + i])
         elif data_t is half_t:
             fbn_xfold_f16(&cf[i], &cf[3 * C + i], cf[2 * C + i])
-    if j.stream and 32 * L <= STREAM_DX_COLS:
+    if j.stream:
         for k in range(4):
             for i in range(L):
                 if data_t is half_t:
