@@ -976,34 +976,53 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
  * whole rows (n a multiple of C, the block starting at a row) with streaming    \
  * stores: aligned vectors, coefficients loaded at each vector's channel        \
  * offset from the padded columns.  The same operations per element as          \
- * fbn_tew op 0: the same bits. */                                              \
-static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,      \
-                                 const M *cols) {                                 \
+ * fbn_tew op 0: the same bits.  K = 2: a second span of n elements `off`       \
+ * elements after the first (off a multiple of C and of a 64-byte line) goes    \
+ * at the same time: two read streams, one coefficient load per two vectors. */ \
+static inline void fbn_cl_ntk_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,  \
+                                  ptrdiff_t C, const M *cols, const int K) {      \
     const ptrdiff_t L = C + FBN_COLPAD;                                           \
     const M *hi = cols, *a = cols + L, *b = cols + 2 * L;                         \
     ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
-    ptrdiff_t i = 0, c = 0, r;                                                    \
+    ptrdiff_t i = 0, c = 0, r, o;                                                 \
     V hv, av, bv;                                                                 \
     if (h > n) h = n;                                                             \
     while (i < h) {                       /* head, at most W elements a step */   \
         r = h - i < W ? h - i : W;                                                \
         memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
         memcpy(&bv, b + c, sizeof(V));                                            \
-        fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - hv) * av + bv);         \
+        for (int q = 0; q < K; q++) {                                             \
+            o = q * off + i;                                                      \
+            fbn_stn_##S(y + o, r, (fbn_ldn_##S(x + o, r, 0) - hv) * av + bv);     \
+        }                                                                         \
         i += r; c = (c + r) % C;                                                  \
     }                                                                             \
     for (; i + W <= n; i += W) {                                                  \
         memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
         memcpy(&bv, b + c, sizeof(V));                                            \
-        FBN_PF(x + i);                                                            \
-        fbn_sst_##S(y + i, (fbn_ld_##S(x + i) - hv) * av + bv);                   \
+        for (int q = 0; q < K; q++) {                                             \
+            o = q * off + i;                                                      \
+            FBN_PF(x + o);                                                        \
+            fbn_sst_##S(y + o, (fbn_ld_##S(x + o) - hv) * av + bv);               \
+        }                                                                         \
         c += W; if (c >= C) c = c >= 2 * C ? c % C : c - C;                       \
     }                                                                             \
     if ((r = n - i) > 0) {                                                        \
         memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
         memcpy(&bv, b + c, sizeof(V));                                            \
-        fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - hv) * av + bv);         \
+        for (int q = 0; q < K; q++) {                                             \
+            o = q * off + i;                                                      \
+            fbn_stn_##S(y + o, r, (fbn_ldn_##S(x + o, r, 0) - hv) * av + bv);     \
+        }                                                                         \
     }                                                                             \
+}                                                                                 \
+static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,      \
+                                 const M *cols) {                                 \
+    fbn_cl_ntk_##S(x, y, n, 0, C, cols, 1);                                       \
+}                                                                                 \
+static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,  \
+                                  ptrdiff_t C, const M *cols) {                   \
+    fbn_cl_ntk_##S(x, y, n, off, C, cols, 2);                                     \
 }                                                                                 \
                                                                                   \
 /* Channels-last training dx (op 1, dx lanes) over the n elements of a block   \

@@ -202,6 +202,7 @@ def stream_threshold():
     ((2, 6, 5, 5), 1), ((4, 3, 2, 2), 1),              # runs shorter than the span minimum
     ((6, 5, 3, 7), -1), ((4, 3, 3, 16), -1), ((3, 2, 2, 37), -1), ((40, 3), 1),
     ((64, 16, 8, 8), 1), ((64, 8, 8, 16), -1),          # several blocks / row blocks
+    ((5, 7, 32), -1),           # two half-blocks at once (fbn_cl_nt2) and an odd row
     ((2, 3, 1100), -1),                                 # dx columns larger than L1
     ((3, 100, 250), -1),        # 1000-byte float32 rows: four rows a step below the
                                 # threshold (in cache), one at a time above
