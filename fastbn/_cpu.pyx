@@ -84,7 +84,6 @@ cdef extern from "_simd.h" nogil:
     void fbn_cl_nt_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     void fbn_cl_nt2_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const float* cols)
     void fbn_cl_nt2_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const double* cols)
-    void fbn_cl_nt2_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const float* cols)
     void fbn_span_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_nt_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_nt_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
@@ -280,10 +279,8 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
             and (h * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0:
         if data_t is float:
             fbn_cl_nt2_f32(x, y, h * C, h * C, C, <const float*>cols)
-        elif data_t is double:
-            fbn_cl_nt2_f64(x, y, h * C, h * C, C, <const double*>cols)
         else:
-            fbn_cl_nt2_f16(x, y, h * C, h * C, C, <const float*>cols)
+            fbn_cl_nt2_f64(x, y, h * C, h * C, C, <const double*>cols)
         if nr == 2 * h:
             return
         x += 2 * h * C
