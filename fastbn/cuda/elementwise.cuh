@@ -16,6 +16,30 @@
 
 namespace fbn {
 
+// Lane j's coefficients: one set for the whole pack (channels-first: the
+// pack lies in one channel) or one per lane (channels-last).
+template <class A>
+__device__ __forceinline__ const Coef<A>& lane_coef(const Coef<A>& cf, int) {
+    return cf;
+}
+template <class A, int V>
+__device__ __forceinline__ const Coef<A>& lane_coef(const Coef<A> (&cf)[V], int j) {
+    return cf[j];
+}
+
+// apply<OP> lane by lane over one pack of x and g (x is not read for
+// OP_BWD_EVAL, g not for OP_FWD).
+template <int OP, int V, class T, class A, class CF>
+__device__ __forceinline__ void apply_pack(Pack<T, V>& out, const CF& cf, Pack<T, V> px,
+                                           Pack<T, V> pg) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        const A xv = OP != OP_BWD_EVAL ? (A)widen(px.v[j]) : A(0);
+        const A gv = OP != OP_FWD ? (A)widen(pg.v[j]) : A(0);
+        narrow(out.v[j], apply<OP>(lane_coef(cf, j), xv, gv));
+    }
+}
+
 template <int OP, int V, class T, class A, class P>
 __device__ __forceinline__ void ew_nchw(const T* x, const T* g, T* y, const double* coef,
                                         const double* mean_in, const double* invstd_in,
@@ -48,12 +72,7 @@ __device__ __forceinline__ void ew_nchw(const T* x, const T* g, T* y, const doub
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             Pack<T, V> out;
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                const A xv = OP != OP_BWD_EVAL ? (A)widen(px[u].v[j]) : A(0);
-                const A gv = OP != OP_FWD ? (A)widen(pg[u].v[j]) : A(0);
-                narrow(out.v[j], apply<OP>(cf, xv, gv));
-            }
+            apply_pack<OP, V, T, A>(out, cf, px[u], pg[u]);
             store<V>(y + idx[u], out);
         }
     }
@@ -63,12 +82,7 @@ __device__ __forceinline__ void ew_nchw(const T* x, const T* g, T* y, const doub
         Pack<T, V> px, pg, out;
         if (OP != OP_BWD_EVAL) px = load<V>(x + idx);
         if (OP != OP_FWD) pg = load<V>(g + idx);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-            const A xv = OP != OP_BWD_EVAL ? (A)widen(px.v[j]) : A(0);
-            const A gv = OP != OP_FWD ? (A)widen(pg.v[j]) : A(0);
-            narrow(out.v[j], apply<OP>(cf, xv, gv));
-        }
+        apply_pack<OP, V, T, A>(out, cf, px, pg);
         store<V>(y + idx, out);
     }
 }
@@ -107,12 +121,7 @@ __device__ __forceinline__ void ew_nhwc(const T* x, const T* g, T* y, const doub
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             Pack<T, V> out;
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                const A xv = OP != OP_BWD_EVAL ? (A)widen(px[u].v[j]) : A(0);
-                const A gv = OP != OP_FWD ? (A)widen(pg[u].v[j]) : A(0);
-                narrow(out.v[j], apply<OP>(cf[j], xv, gv));
-            }
+            apply_pack<OP, V, T, A>(out, cf, px[u], pg[u]);
             store<V>(y + (r + u * dr) * C + c0, out);
         }
         r += kUnroll * dr;
@@ -122,12 +131,7 @@ __device__ __forceinline__ void ew_nhwc(const T* x, const T* g, T* y, const doub
         Pack<T, V> px, pg, out;
         if (OP != OP_BWD_EVAL) px = load<V>(x + idx);
         if (OP != OP_FWD) pg = load<V>(g + idx);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-            const A xv = OP != OP_BWD_EVAL ? (A)widen(px.v[j]) : A(0);
-            const A gv = OP != OP_FWD ? (A)widen(pg.v[j]) : A(0);
-            narrow(out.v[j], apply<OP>(cf[j], xv, gv));
-        }
+        apply_pack<OP, V, T, A>(out, cf, px, pg);
         store<V>(y + idx, out);
     }
 }
