@@ -213,6 +213,17 @@ static inline fbn_d8 fbn_ld_f64(const double *p) { fbn_d8 v; memcpy(&v, p, 64); 
 static inline void fbn_st_f64(double *p, fbn_d8 v) { memcpy(p, &v, 64); }
 static inline fbn_s16 fbn_ld_f32(const float *p) { fbn_s16 v; memcpy(&v, p, 64); return v; }
 static inline void fbn_st_f32(float *p, fbn_s16 v) { memcpy(p, &v, 64); }
+/* 16 float16 <-> 16 float: one 512-bit conversion with AVX-512 (F16C alone
+ * converts 8 at a time, and joining or splitting the halves costs a shuffle). */
+#if defined(__AVX512F__) && FBN_HAVE_F16
+static inline fbn_s16 fbn_ld_f16(const uint16_t *p) {
+    return (fbn_s16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline void fbn_st_f16(uint16_t *p, fbn_s16 v) {
+    _mm256_storeu_si256((__m256i *)p,
+                        _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
 static inline fbn_s16 fbn_ld_f16(const uint16_t *p) {
     fbn_f8 a = fbn_h8_to_f8(p), b = fbn_h8_to_f8(p + 8);
     return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -221,6 +232,7 @@ static inline void fbn_st_f16(uint16_t *p, fbn_s16 v) {
     fbn_f8_to_h8(p, __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
     fbn_f8_to_h8(p + 8, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
 }
+#endif
 
 #define FBN_NOCVT(v) (v)
 
