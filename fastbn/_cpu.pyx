@@ -926,12 +926,20 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     # saves a third of the pass's memory traffic (measured: training forward
     # 256x256x14x14 float32 6.2 -> 5.3 ms on one core; a 6 MiB y was 13%
     # slower streamed).  Smaller outputs stay in cache for their next reader.
-    j.stream = cnp.PyArray_NBYTES(y) >= stream_bytes
+    # The channels-last forward streams from half that, where x and y together
+    # outgrow the cache share: its ordinary-store pass (fbn_tew) is the slower
+    # one from memory (12 MiB y, one thread: inference 0.85 -> 0.51 ms float32
+    # and 1.83 -> 0.89 ms float16 with 2048 channels, training 10-30 % faster).
+    # Channels-first gained less at one thread and lost at two (inference
+    # 0.42 -> 0.49 ms), float16 up to 25 %; backward was mixed in both layouts.
+    nb = cnp.PyArray_NBYTES(y)
+    j.stream = nb >= (stream_bytes // 2 if op == FWD_TRAIN_NHWC or op == FWD_INFER_NHWC
+                      else stream_bytes)
     # Calls that touch less than 3/4 of that (x, y and dy together) are taken
     # to run in cache (the caller just wrote x): channels-last element-wise rows of 512 B -
     # 4 KiB then go four at a time (see fbn_rstep).  Measured on 1 KiB rows:
     # 25-36 % faster at 3-10 MB, 25-47 % slower at 13-19 MB.
-    j.cached = cnp.PyArray_NBYTES(y) * (2 if dy is None else 3) < stream_bytes - stream_bytes // 4
+    j.cached = nb * (2 if dy is None else 3) < stream_bytes - stream_bytes // 4
     if j.N * j.C * j.S == 0:
         return None
     with nogil:
