@@ -17,8 +17,8 @@ One table: operation x layout x shape x dtype x threads, with
     torch    PyTorch's time; on a CUDA machine also torch-cuda (native kernels) and
              cudnn, timed with CUDA events.
 
-Contenders are interleaved round-robin (fastbn, torch, reference, copy, repeat) and the
-median of each is reported, so a noisy neighbour hurts all of them alike.  The copy
+Contenders are interleaved round-robin (fastbn, torch, reference, copy, repeat; the
+order rotates each round) and the median of each is reported, so a noisy neighbour hurts all of them alike.  The copy
 bandwidth of a large buffer (>= 64 MiB, beyond the last-level cache) per thread count is
 printed in the header.  Nothing here asserts speed; --json writes every number.
 """
@@ -295,13 +295,20 @@ def sampler(call, min_sample_s):
 
 def round_robin(samplers):
     """{name: (sample, n)} -> {name: median seconds}: sample each contender in turn,
-    n times each, so that slow drifts of the machine hit every contender alike."""
+    n times each, so that slow drifts of the machine hit every contender alike.  The
+    order rotates from round to round: contenders share their inputs, and whoever runs
+    right after another finds part of its data still in the last-level cache (in A/B
+    runs of two builds on one input, 12-51 MB, the second in a fixed order gained
+    5-20 % on the dev VM)."""
     times = {name: [] for name in samplers}
+    names = list(samplers)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for i in range(max(n for _, n in samplers.values())):
-            for name, (sample, n) in samplers.items():
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                sample, n = samplers[name]
                 if i < n:
                     times[name].append(sample())
     finally:

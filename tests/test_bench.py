@@ -60,6 +60,22 @@ def test_bench_table_marks_missing_contenders(capsys):
     assert len(row) == 1 and row[0].count("—") == 3        # ×ref, ×torch, torch
 
 
+def test_round_robin_rotates_the_order_and_samples_each_its_count():
+    """Contenders share inputs, so none may always run right after the same one."""
+    calls = []
+
+    def sampler(name, value):
+        def sample():
+            calls.append(name)
+            return value
+        return sample
+
+    med = bench.round_robin({"a": (sampler("a", 1.0), 4), "b": (sampler("b", 2.0), 4),
+                             "c": (sampler("c", 3.0), 2)})
+    assert med == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert calls == ["a", "b", "c", "b", "c", "a", "a", "b", "a", "b"]
+
+
 def test_bench_parses_shapes_of_rank_2_to_5():
     opts = bench.parse_args(["--shapes", "8x4,2x3x5,2x3x4x5,2x3x4x5x6", "--threads", "2,1,2"])
     assert opts.shapes == [(8, 4), (2, 3, 5), (2, 3, 4, 5), (2, 3, 4, 5, 6)]
