@@ -18,9 +18,9 @@ One table: operation x layout x shape x dtype x threads, with
              cudnn, timed with CUDA events.
 
 Contenders are interleaved round-robin (fastbn, torch, reference, copy, repeat; the
-order rotates each round) and the median of each is reported, so a noisy neighbour hurts all of them alike.  The copy
-bandwidth of a large buffer (>= 64 MiB, beyond the last-level cache) per thread count is
-printed in the header.  Nothing here asserts speed; --json writes every number.
+order rotates each round) and the median of each is reported, so a noisy neighbour hurts
+all of them alike.  The copy bandwidth of a large buffer (>= 64 MiB, beyond the
+last-level cache) per thread count is printed in the header.  Nothing here asserts speed; --json writes every number.
 """
 
 import argparse
