@@ -112,7 +112,8 @@ DEF MIN_ROWS = 64
 DEF MAX_ROWS = 1024      # a lane sums at most this many rows before the merge
 # Below this many elements a call runs on one thread: waking the team costs more.
 DEF SERIAL_BELOW = 32768
-# Element-wise passes split the work in tasks of about this many elements.
+# Channels-first element-wise passes split the work in tasks of about this
+# many elements (64K measured the same).
 DEF EW_BLOCK = 16384
 # Channels-last element-wise passes take blocks of whole rows of about this
 # many bytes of x, the same number per thread.  Each block starts new
@@ -935,7 +936,7 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     nb = cnp.PyArray_NBYTES(y)
     j.stream = nb >= (stream_bytes // 2 if op == FWD_TRAIN_NHWC or op == FWD_INFER_NHWC
                       else stream_bytes)
-    # Calls that touch less than 3/4 of that (x, y and dy together) are taken
+    # Calls that touch less than 3/4 of FASTBN_STREAM_BYTES (x, y and dy together) are taken
     # to run in cache (the caller just wrote x): channels-last element-wise rows of 512 B -
     # 4 KiB then go four at a time (see fbn_rstep).  Measured on 1 KiB rows:
     # 25-36 % faster at 3-10 MB, 25-47 % slower at 13-19 MB.
