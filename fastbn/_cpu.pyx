@@ -123,6 +123,23 @@ DEF NHWC_EW_BYTES = 1048576
 # Channels-first blocks hold enough channels for runs of at least this many
 # contiguous bytes (the prefetchers need a few KiB to stream).
 DEF RUN_BYTES = 131072
+# Channels-first float32 and float16 runs shorter than this many bytes take
+# each thread's channels as one block in the training forward, and at one
+# thread in the backward: two passes over memory.  The blocks of RUN_BYTES
+# spans are capped at a quarter of a thread's channels, which leaves spans of
+# 50-100 KiB, and every span restarts the prefetch streams; one block reads
+# whole samples' spans for the statistics, then writes the output in one
+# stream from memory, as inference does.  The cache the blocks saved did not
+# pay for their restarts on this VM (it gets about 16 MiB of the L3).  A/B of
+# two builds, medians of 21-31, time with one block / with blocks, 1 thread:
+# training forward 256x256x14x14 0.84-0.92, 128x64x28x28 0.88-0.91,
+# 64x2048x7x7 0.95-1.00, 32x256x14x14 0.91, float16 256x256x14x14 0.94,
+# 16x512x7x7 0.92; backward 0.86-0.92, 0.88-0.98, 0.96, 0.93, float16 0.86,
+# 0.85.  2 threads, training forward: 0.93-1.02, 0.83-0.91, 1.00-1.10,
+# float16 0.88-0.91 (the backward was 1.02-1.13 there: it keeps its blocks).
+# Longer runs (32x64x56x56: 12.5 KiB) and float64 keep their blocks: their
+# spans are long enough, and their backward was 2-24 % slower in one block.
+DEF TWO_PASS_RUN = 4096
 # Channels-first blocks are reduced a few samples at a time (channel c of
 # samples n..n+3, then channel c + 1): STREAMS address streams at once
 # (backward: two samples of x and of dy) rather than one per sample span, and
@@ -505,7 +522,7 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef bint reduce = train or (grad and (j.training or j.dweight != NULL or j.dbias != NULL))
     cdef int op = 0 if fwd else (1 if j.training else 2)
     cdef int nt = team(C * nq, C * n, j.n_threads)
-    cdef Py_ssize_t k, nblk, blk, c, t, rpt, nr, tid
+    cdef Py_ssize_t k, ds, nblk, blk, c, t, rpt, nr, tid
     cdef double s1, s2
     cdef param_t* rm = <param_t*>j.running_mean
     cdef param_t* rv = <param_t*>j.running_var
@@ -518,7 +535,8 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         return -1
 
     # Channels per block: contiguous spans of RUN_BYTES, but at least 4 blocks a thread.
-    k = cdiv(RUN_BYTES, S * (8 if j.xtype == DT_F64 else (4 if j.xtype == DT_F32 else 2)))
+    ds = 8 if j.xtype == DT_F64 else (4 if j.xtype == DT_F32 else 2)
+    k = cdiv(RUN_BYTES, S * ds)
     if k > C // (4 * nt):
         k = C // (4 * nt)
     if k < 1:
@@ -528,6 +546,9 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     # Serial calls stay out of OpenMP: even a one-thread parallel region ends
     # in a futex system call, a measurable part of a small tensor's time.
     if reduce and (nt == 1 or nblk >= 4 * nt):
+        if ds <= 4 and S * ds < TWO_PASS_RUN and (train or nt == 1):
+            k = cdiv(C, nt)             # each thread's channels in one block
+            nblk = cdiv(C, k)
         if nt == 1:
             for blk in range(nblk):
                 nchw_block(j, x, blk * k, (blk + 1) * k, nq, train, fwd, grad, op, part, cf,
