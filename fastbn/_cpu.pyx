@@ -534,8 +534,9 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     if part == NULL:
         return -1
 
-    # Channels per block: contiguous spans of RUN_BYTES, but at least 4 blocks a thread.
-    ds = 8 if j.xtype == DT_F64 else (4 if j.xtype == DT_F32 else 2)
+    # Channels per block: contiguous spans of RUN_BYTES, but at least 4 blocks a
+    # thread; one block a thread for the short runs of TWO_PASS_RUN (below).
+    ds = <Py_ssize_t>sizeof(data_t)
     k = cdiv(RUN_BYTES, S * ds)
     if k > C // (4 * nt):
         k = C // (4 * nt)
@@ -610,7 +611,8 @@ cdef inline void nchw_block(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c
                             Py_ssize_t nq, bint train, bint fwd, bint grad, int op,
                             double* part, double* cf, param_t* rm, param_t* rv,
                             const param_t* w, const param_t* b) noexcept nogil:
-    """Channels [c0, c1): reduce, coefficients, element-wise, while in cache."""
+    """Channels [c0, c1): reduce, coefficients, element-wise (while in cache,
+    unless the block is all of a thread's channels: see TWO_PASS_RUN)."""
     cdef Py_ssize_t N = j.N, S = j.S, c, nn, n0, n1
     cdef Py_ssize_t ns = STREAMS // 2 if grad else STREAMS     # samples at a time
     cdef Py_ssize_t qs[STREAMS]                                 # their first chunks
