@@ -75,7 +75,7 @@ cdef extern from "_simd.h" nogil:
     Py_ssize_t FBN_COLPAD
     void fbn_cl_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
-    void fbn_cl_dx_nt_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
+    void fbn_cl_dx_line_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_span_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_dx_nt_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
@@ -281,13 +281,13 @@ cdef inline void span_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssiz
 cdef inline void cl_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssize_t n,
                           Py_ssize_t C, const double* dcols) noexcept nogil:
     """Channels-last training dx over n elements of whole rows with streaming
-    stores (fbn_cl_dx_nt)."""
+    stores (fbn_cl_dx_nt; float16: fbn_cl_dx_line_f16, a line per step)."""
     if data_t is float:
         fbn_cl_dx_nt_f32(x, g, y, n, C, dcols)
     elif data_t is double:
         fbn_cl_dx_nt_f64(x, g, y, n, C, dcols)
     else:
-        fbn_cl_dx_nt_f16(x, g, y, n, C, dcols)
+        fbn_cl_dx_line_f16(x, g, y, n, C, dcols)
 
 
 cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
