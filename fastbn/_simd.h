@@ -1047,14 +1047,15 @@ static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,    
 static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,  \
                                   ptrdiff_t C, const M *cols) {                   \
     fbn_cl_ntk_##S(x, y, n, off, C, cols, 2);                                     \
-}                                                                                 \
-                                                                                  \
-/* Channels-last training dx (op 1, dx lanes) over the n elements of a block   \
- * of whole rows, with streaming stores: aligned 8-element vectors,             \
- * coefficients loaded at each vector's channel offset from dcols, the four     \
- * columns of fbn_tew op 1 padded (stride C + FBN_COLPAD; float32 for float16   \
- * data, see fbn_xdc).  The same bits as fbn_tew op 1.  (float16 data: the    \
- * line-wide fbn_cl_dx_line_f16 below.) */                                       \
+}
+
+/* Channels-last training dx (op 1, dx lanes) over the n elements of a block
+ * of whole rows, with streaming stores: aligned 8-element vectors,
+ * coefficients loaded at each vector's channel offset from dcols, the four
+ * columns of fbn_tew op 1 padded (stride C + FBN_COLPAD; float32 for float16
+ * data, see fbn_xdc).  The same bits as fbn_tew op 1.  float32 and float64
+ * only: float16 data take the line-wide fbn_cl_dx_line_f16 below. */
+#define FBN_CL_DX_NT(T, S, FOLD)                                                    \
 static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
                                     ptrdiff_t C, const double *dcols) {           \
     const ptrdiff_t L = C + FBN_COLPAD, vb = 8 * (ptrdiff_t)sizeof(T);            \
@@ -1081,11 +1082,11 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
     }                                                                             \
 }
 
-
-
 FBN_FAMILY(float, f32, float, fbn_s16, 16, s16, fbn_splat_s, FBN_NOCVT, 1)
 FBN_FAMILY(uint16_t, f16, float, fbn_s16, 16, s16, fbn_splat_s, fastbn_h2f, 0)
 FBN_FAMILY(double, f64, double, fbn_d8, 8, f64, fbn_splat_d, FBN_NOCVT, 0)
+FBN_CL_DX_NT(float, f32, 1)
+FBN_CL_DX_NT(double, f64, 0)
 
 /* Channels-last training dx of float16 data with streaming stores: as
  * fbn_cl_dx_nt (the float32 lanes of fbn_x8_f16, the padded float32 columns of
