@@ -204,6 +204,8 @@ def stream_threshold():
     ((6, 5, 3, 7), -1), ((4, 3, 3, 16), -1), ((3, 2, 2, 37), -1), ((40, 3), 1),
     ((64, 16, 8, 8), 1), ((64, 8, 8, 16), -1),          # several blocks / row blocks
     ((5, 7, 32), -1),           # two half-blocks at once (fbn_cl_nt2) and an odd row
+    ((3, 5, 7, 48), -1), ((2, 9, 64), -1), ((3, 7, 24), -1),   # coefficients in registers
+                                # (fbn_cl_ntv: periods of 3, 4 and 3 float32 vectors)
     ((2, 3, 1100), -1),                                 # dx columns larger than L1
     ((3, 100, 250), -1),        # 1000-byte float32 rows: four rows a step below the
                                 # threshold (in cache), one at a time above
