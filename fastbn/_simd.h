@@ -875,6 +875,45 @@ static inline fbn_x8_##S fbn_xtld_##S(const T *p, ptrdiff_t c, ptrdiff_t C) {   
  * Narrow tiles walk each group of 8 down the rows with the sums in registers;  \
  * wide tiles stream K rows at a time with the sums in ps / pq (L1).  Both give  \
  * the same bits. */                                                             \
+/* fbn_tsums over a tile of NG <= 8 whole groups of 8 channels, row by row:    \
+ * the 2 NG sums and NG shifts stay in registers (with 64 channels they were    \
+ * loaded and stored back every step of rows; with fewer each group walked the \
+ * rows on its own).  Each lane adds its rows in the order fbn_tsums does (rows \
+ * i, i + h, ... for each i, then the rest): the same bits.  64 channels,      \
+ * float32, one thread: training forward and backward 0.88-0.93 of the time. */ \
+static inline void fbn_tsumsr_##S(const T *x, const T *g, ptrdiff_t C,            \
+                                  ptrdiff_t r0, ptrdiff_t h, ptrdiff_t K,         \
+                                  ptrdiff_t rt, ptrdiff_t r1, ptrdiff_t c0,       \
+                                  const double *shift, double *ps, double *pq,    \
+                                  const int NG) {                                 \
+    const ptrdiff_t hc = h * C;                                                   \
+    fbn_d8 a[8], b[8], sh[8];                                                     \
+    _Pragma("GCC unroll 8")                                                       \
+    for (int q = 0; q < NG; q++) {                                                \
+        a[q] = fbn_splat_d(0); b[q] = a[q]; sh[q] = fbn_ld_f64(shift + c0 + 8 * q); \
+    }                                                                             \
+    for (ptrdiff_t i = r0; i < r0 + h + (r1 - rt); i++) {                         \
+        /* rows i, i + h, ... (K of them), then the rest [rt, r1) one by one */   \
+        const int rest = i >= r0 + h;                                             \
+        const ptrdiff_t base = (rest ? rt + (i - r0 - h) : i) * C + c0;          \
+        for (ptrdiff_t k = 0; k < (rest ? 1 : K); k++) {                          \
+            const T *xr = x + base + k * hc;                                      \
+            _Pragma("GCC unroll 8")                                               \
+            for (int q = 0; q < NG; q++) {                                        \
+                fbn_d8 d = fbn_ld8_##S(xr + 8 * q) - sh[q];                       \
+                if (g == NULL) { a[q] += d; b[q] = fbn_fma_f64(d, d, b[q]); }     \
+                else {                                                            \
+                    fbn_d8 gv = fbn_ld8_##S(g + base + k * hc + 8 * q);           \
+                    a[q] += gv; b[q] = fbn_fma_f64(gv, d, b[q]);                  \
+                }                                                                 \
+            }                                                                     \
+        }                                                                         \
+    }                                                                             \
+    _Pragma("GCC unroll 8")                                                       \
+    for (int q = 0; q < NG; q++) {                                                \
+        fbn_st_f64(ps + c0 + 8 * q, a[q]); fbn_st_f64(pq + c0 + 8 * q, b[q]);     \
+    }                                                                             \
+}                                                                                 \
 static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,             \
                                  ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,        \
                                  ptrdiff_t c1, const double *shift,               \
@@ -884,6 +923,18 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
     const ptrdiff_t hc = h * C;                  /* from one part to the next */  \
     ptrdiff_t cf = c0 + ((c1 - c0) / 8) * 8;     /* full groups: [c0, cf) */      \
     ptrdiff_t c = c0;                                                             \
+    if (c1 == cf && cf > c0 && cf - c0 <= 64) {  /* sums in registers */       \
+        switch ((cf - c0) / 8) {                                                  \
+        case 1: fbn_tsumsr_##S(x, g, C, r0, h, K, rt, r1, c0, shift, ps, pq, 1); return; \
+        case 2: fbn_tsumsr_##S(x, g, C, r0, h, K, rt, r1, c0, shift, ps, pq, 2); return; \
+        case 3: fbn_tsumsr_##S(x, g, C, r0, h, K, rt, r1, c0, shift, ps, pq, 3); return; \
+        case 4: fbn_tsumsr_##S(x, g, C, r0, h, K, rt, r1, c0, shift, ps, pq, 4); return; \
+        case 5: fbn_tsumsr_##S(x, g, C, r0, h, K, rt, r1, c0, shift, ps, pq, 5); return; \
+        case 6: fbn_tsumsr_##S(x, g, C, r0, h, K, rt, r1, c0, shift, ps, pq, 6); return; \
+        case 7: fbn_tsumsr_##S(x, g, C, r0, h, K, rt, r1, c0, shift, ps, pq, 7); return; \
+        default: fbn_tsumsr_##S(x, g, C, r0, h, K, rt, r1, c0, shift, ps, pq, 8); return; \
+        }                                                                         \
+    }                                                                             \
     if (cf - c0 >= FBN_ROW_TILE) {                                                \
         for (c = c0; c < cf; c++) { ps[c] = 0.0; pq[c] = 0.0; }                   \
         for (ptrdiff_t i = r0; i < r0 + h; i++) {  /* rows i, i + h, ... */       \
