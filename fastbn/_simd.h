@@ -1178,6 +1178,62 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
         }                                                                         \
         i += r; c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;               \
     }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* The same pass when a period of NV 8-element vectors (lcm(C, 8) elements)    \
+ * holds whole rows: after the head every period starts on the same channel,   \
+ * so the columns of its NV vectors stay in registers (3 NV of them with the   \
+ * mean folded, 4 NV without), as fbn_cl_ntr does for the forward.  Same bits. */ \
+static inline void fbn_cl_dx_ntr_##S(const T *x, const T *g, T *y, ptrdiff_t n,   \
+                                     ptrdiff_t C, const double *dcols,            \
+                                     const int NV) {                              \
+    const ptrdiff_t L = C + FBN_COLPAD, vb = 8 * (ptrdiff_t)sizeof(T), P = 8 * NV; \
+    ptrdiff_t h = (ptrdiff_t)((vb - ((uintptr_t)y & (uintptr_t)(vb - 1))) & (uintptr_t)(vb - 1)) \
+                  / (ptrdiff_t)sizeof(T);                                         \
+    ptrdiff_t i, c, r, k;                                                         \
+    fbn_x8_##S m[8], A[8], B[8], K[8];                                            \
+    if (h > n) h = n;                                                             \
+    fbn_cl_dx_nt_##S(x, g, y, h, C, dcols);          /* the head, ordinary */     \
+    c = h % C;                                                                    \
+    for (k = 0; k < NV; k++) {                                                    \
+        ptrdiff_t ck = (c + 8 * k) % C;                                           \
+        m[k] = fbn_xdc_##S(dcols, ck); A[k] = fbn_xdc_##S(dcols, L + ck);         \
+        B[k] = fbn_xdc_##S(dcols, 2 * L + ck); K[k] = fbn_xdc_##S(dcols, 3 * L + ck); \
+    }                                                                             \
+    for (i = h; i + P <= n; i += P)                                               \
+        for (k = 0; k < NV; k++) {                                                \
+            const ptrdiff_t o = i + 8 * k;                                        \
+            FBN_PF(x + o); FBN_PF(g + o);                                         \
+            fbn_xsst_##S(y + o, FBN_DX(FOLD, fbn_xfma_##S, A[k], fbn_xld_##S(g + o), B[k], \
+                                       fbn_xld_##S(x + o), m[k], K[k]));          \
+        }                                                                         \
+    for (k = 0; i < n; i += r, k++) {          /* the rest: under a period */     \
+        r = n - i < 8 ? n - i : 8;                                                \
+        if (r == 8)                                                               \
+            fbn_xsst_##S(y + i, FBN_DX(FOLD, fbn_xfma_##S, A[k], fbn_xld_##S(g + i), B[k], \
+                                       fbn_xld_##S(x + i), m[k], K[k]));          \
+        else                                                                      \
+            fbn_xstn_##S(y + i, r, FBN_DX(FOLD, fbn_xfma_##S, A[k], fbn_xldn_##S(g + i, r, 0), \
+                                          B[k], fbn_xldn_##S(x + i, r, 0), m[k], K[k])); \
+    }                                                                             \
+}                                                                                 \
+/* fbn_cl_dx_ntr when its period fits in registers (NV = C / gcd(C, 8) <=     \
+ * NVMAX: 8 with the mean folded, 24 registers; else 4); returns 0 otherwise. */ \
+static inline int fbn_cl_dx_ntv_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
+                                    ptrdiff_t C, const double *dcols) {           \
+    ptrdiff_t q = C, w = 8, t;                                                    \
+    while (w) { t = q % w; q = w; w = t; }                                        \
+    switch (C / q) {                                                              \
+    case 1: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 1); return 1;                 \
+    case 2: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 2); return 1;                 \
+    case 3: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 3); return 1;                 \
+    case 4: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 4); return 1;                 \
+    case 5: if (!FOLD) return 0; fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 5); return 1; \
+    case 6: if (!FOLD) return 0; fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 6); return 1; \
+    case 7: if (!FOLD) return 0; fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 7); return 1; \
+    case 8: if (!FOLD) return 0; fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 8); return 1; \
+    default: return 0;                                                            \
+    }                                                                             \
 }
 
 FBN_FAMILY(float, f32, float, fbn_s16, 16, s16, fbn_splat_s, FBN_NOCVT, 1)
@@ -1226,6 +1282,56 @@ static inline void fbn_cl_dx_line_f16(const uint16_t *x, const uint16_t *g, uint
                                 fbn_ld_f32(K + c2)));
         }
         i += r; c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;
+    }
+}
+
+/* fbn_cl_dx_line_f16 when a period of NV 16-element vectors (lcm(C, 32)
+ * elements, whole lines) holds whole rows: the 4 NV columns of a period stay in
+ * registers (NV <= 6: 24 of them), as fbn_cl_dx_ntr does for float32.  The
+ * rest of a block (under a period) takes ordinary stores.  Same bits. */
+static inline void fbn_cl_dx_liner_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
+                                       ptrdiff_t n, ptrdiff_t C, const double *dcols,
+                                       const int NV) {
+    const ptrdiff_t L = C + FBN_COLPAD, P = 16 * NV;
+    const float *cm = (const float *)dcols;
+    ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / 2;
+    ptrdiff_t i, c, r, k;
+    fbn_s16 m[6], A[6], B[6], K[6];
+    if (h > n) h = n;
+    fbn_cl_dx_line_f16(x, g, y, h, C, dcols);          /* the head, ordinary */
+    c = h % C;
+    for (k = 0; k < NV; k++) {
+        ptrdiff_t ck = (c + 16 * k) % C;
+        m[k] = fbn_ld_f32(cm + ck); A[k] = fbn_ld_f32(cm + L + ck);
+        B[k] = fbn_ld_f32(cm + 2 * L + ck); K[k] = fbn_ld_f32(cm + 3 * L + ck);
+    }
+    for (i = h; i + P <= n; i += P)
+        for (k = 0; k < NV; k += 2) {
+            const ptrdiff_t o = i + 16 * k;
+            FBN_PF(x + o); FBN_PF(g + o);
+            fbn_sst2_f16(y + o,
+                         FBN_DX(0, fbn_fma_s16, A[k], fbn_ld_f16(g + o), B[k],
+                                fbn_ld_f16(x + o), m[k], K[k]),
+                         FBN_DX(0, fbn_fma_s16, A[k + 1], fbn_ld_f16(g + o + 16), B[k + 1],
+                                fbn_ld_f16(x + o + 16), m[k + 1], K[k + 1]));
+        }
+    for (k = 0; i < n; i += r, k++) {            /* the rest: under a period */
+        r = n - i < 16 ? n - i : 16;
+        fbn_stn_f16(y + i, r, FBN_DX(0, fbn_fma_s16, A[k], fbn_ldn_f16(g + i, r, 0), B[k],
+                                     fbn_ldn_f16(x + i, r, 0), m[k], K[k]));
+    }
+}
+
+/* fbn_cl_dx_liner_f16 when NV = lcm(C, 32) / 16 <= 6; returns 0 otherwise. */
+static inline int fbn_cl_dx_linev_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
+                                      ptrdiff_t n, ptrdiff_t C, const double *dcols) {
+    ptrdiff_t q = C, w = 32, t;
+    while (w) { t = q % w; q = w; w = t; }
+    switch (C / q * 2) {                 /* lcm(C, 32) / 16 */
+    case 2: fbn_cl_dx_liner_f16(x, g, y, n, C, dcols, 2); return 1;
+    case 4: fbn_cl_dx_liner_f16(x, g, y, n, C, dcols, 4); return 1;
+    case 6: fbn_cl_dx_liner_f16(x, g, y, n, C, dcols, 6); return 1;
+    default: return 0;
     }
 }
 
