@@ -79,6 +79,7 @@ cdef extern from "_simd.h" nogil:
     int fbn_cl_dx_ntv_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_line_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     int fbn_cl_dx_linev_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
+    void fbn_cl_dx_lineo_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_span_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_dx_nt_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
@@ -296,6 +297,19 @@ cdef inline void cl_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssize_
             fbn_cl_dx_nt_f64(x, g, y, n, C, dcols)
     elif not fbn_cl_dx_linev_f16(x, g, y, n, C, dcols):
         fbn_cl_dx_line_f16(x, g, y, n, C, dcols)
+
+
+cdef inline void cl_dx_cached(const data_t* x, const data_t* g, data_t* y, Py_ssize_t n,
+                              Py_ssize_t C, const double* dcols) noexcept nogil:
+    """Channels-last float16 training dx with ordinary stores, a line per step
+    in float32 lanes from the float32 dcols (fbn_cl_dx_lineo_f16), where
+    fbn_tew op 1 converts float64 columns to 8 lanes at each load.  Backward,
+    1 thread, A/B: 0.71-0.89 of the time with 128-1024 channels (0.7-6.4 MB)
+    and 0.93-0.96 with 2048 from memory; 2048 channels in cache 1.06-1.09
+    (their 32 KiB of float32 columns against four rows per load in fbn_tew),
+    which keep fbn_tew.  Other types: fbn_tew."""
+    if data_t is half_t:
+        fbn_cl_dx_lineo_f16(x, g, y, n, C, dcols)
 
 
 cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
@@ -802,6 +816,9 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
         elif op == 1 and j.stream:
             cl_dx_nt(x + t * rb * j.C, g + t * rb * j.C, <data_t*>j.y + t * rb * j.C,
                      (r1 - t * rb) * j.C, j.C, dcols)
+        elif op == 1 and data_t is half_t and (j.C <= 1024 or not j.cached):
+            cl_dx_cached(x + t * rb * j.C, g + t * rb * j.C, <data_t*>j.y + t * rb * j.C,
+                         (r1 - t * rb) * j.C, j.C, dcols)
         else:
             tile_ew(op, x, g, <data_t*>j.y, j.C, t * rb, r1, 0, j.C, cols, cf, j.cached)
     if op != 2 and j.stream:
@@ -843,15 +860,16 @@ cdef inline void fold_dx_cols(const data_t* x, Job* j, double* cf, double* dcols
     """Training dx columns (mean, a, b, k of cf) as fbn_tew op 1 wants them:
     mean and k as fbn_xfold gives them for the data type (float32: 0 and k
     folded with the mean; float16: the mean rounded to float and k with the
-    rest), as fbn_dx8 does; and, for the streamed dx (fbn_cl_dx_nt), their
-    padded copy dcols (stride C + FBN_COLPAD; float32 for float16 data)."""
+    rest), as fbn_dx8 does; and, for the streamed dx (fbn_cl_dx_nt) and every
+    float16 dx (fbn_cl_dx_line*), their padded copy dcols (stride C +
+    FBN_COLPAD; float32 for float16 data)."""
     cdef Py_ssize_t L = C + FBN_COLPAD, i, k
     for i in range(C):
         if data_t is float:
             fbn_xfold_f32(&cf[i], &cf[3 * C + i], cf[2 * C + i])
         elif data_t is half_t:
             fbn_xfold_f16(&cf[i], &cf[3 * C + i], cf[2 * C + i])
-    if j.stream:
+    if j.stream or data_t is half_t:
         for k in range(4):
             for i in range(L):
                 if data_t is half_t:

@@ -1253,8 +1253,9 @@ FBN_CL_DX_NT(double, f64, 0)
  * 0.79-0.80 at two; 1024 channels 0.87-0.96; 2048 channels the same (+-4 %:
  * their 32 KiB of columns do not stay in L1).  Head and tail: 8 elements a
  * step, ordinary stores. */
-static inline void fbn_cl_dx_line_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
-                                      ptrdiff_t n, ptrdiff_t C, const double *dcols) {
+static inline void fbn_cl_dx_linek_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
+                                       ptrdiff_t n, ptrdiff_t C, const double *dcols,
+                                       const int NT) {
     const ptrdiff_t L = C + FBN_COLPAD;
     const float *m = (const float *)dcols, *A = m + L, *B = m + 2 * L, *K = m + 3 * L;
     ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / 2;
@@ -1272,17 +1273,32 @@ static inline void fbn_cl_dx_line_f16(const uint16_t *x, const uint16_t *g, uint
         } else {
             r = 32;
             c2 = c + 16; if (c2 >= C) c2 = c2 >= 2 * C ? c2 % C : c2 - C;
-            FBN_PF(x + i); FBN_PF(g + i);
-            fbn_sst2_f16(y + i,
-                         FBN_DX(0, fbn_fma_s16, fbn_ld_f32(A + c), fbn_ld_f16(g + i),
-                                fbn_ld_f32(B + c), fbn_ld_f16(x + i), fbn_ld_f32(m + c),
-                                fbn_ld_f32(K + c)),
-                         FBN_DX(0, fbn_fma_s16, fbn_ld_f32(A + c2), fbn_ld_f16(g + i + 16),
-                                fbn_ld_f32(B + c2), fbn_ld_f16(x + i + 16), fbn_ld_f32(m + c2),
-                                fbn_ld_f32(K + c2)));
+            const fbn_s16 v0 = FBN_DX(0, fbn_fma_s16, fbn_ld_f32(A + c), fbn_ld_f16(g + i),
+                                      fbn_ld_f32(B + c), fbn_ld_f16(x + i), fbn_ld_f32(m + c),
+                                      fbn_ld_f32(K + c)),
+                          v1 = FBN_DX(0, fbn_fma_s16, fbn_ld_f32(A + c2), fbn_ld_f16(g + i + 16),
+                                      fbn_ld_f32(B + c2), fbn_ld_f16(x + i + 16),
+                                      fbn_ld_f32(m + c2), fbn_ld_f32(K + c2));
+            if (NT) {
+                FBN_PF(x + i); FBN_PF(g + i);
+                fbn_sst2_f16(y + i, v0, v1);
+            } else {
+                fbn_st_f16(y + i, v0); fbn_st_f16(y + i + 16, v1);
+            }
         }
         i += r; c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;
     }
+}
+static inline void fbn_cl_dx_line_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
+                                      ptrdiff_t n, ptrdiff_t C, const double *dcols) {
+    fbn_cl_dx_linek_f16(x, g, y, n, C, dcols, 1);
+}
+/* The same with ordinary stores, for a y that stays in cache: 16-lane float32
+ * math from the padded float32 columns, where fbn_tew op 1 converts its float64
+ * columns to 8 lanes at each load (same bits). */
+static inline void fbn_cl_dx_lineo_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
+                                       ptrdiff_t n, ptrdiff_t C, const double *dcols) {
+    fbn_cl_dx_linek_f16(x, g, y, n, C, dcols, 0);
 }
 
 /* fbn_cl_dx_line_f16 when a period of NV 16-element vectors (lcm(C, 32)
