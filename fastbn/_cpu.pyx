@@ -1006,15 +1006,10 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     # outgrow the cache share: its ordinary-store pass (fbn_tew) is the slower
     # one from memory (12 MiB y, one thread: inference 0.85 -> 0.51 ms float32
     # and 1.83 -> 0.89 ms float16 with 2048 channels, training 10-30 % faster).
-    # Channels-first float32 gained less at one thread and lost at two
-    # (inference 0.42 -> 0.49 ms; 9.6 MB backward 1.07-1.26x the time); backward
-    # was mixed in both layouts.  Channels-first float16 streams from half too:
-    # 12.8 MB (64x2048x7x7), A/B at 1 / 2 threads, time streamed / not:
-    # inference 0.79-0.83 / 0.79-0.97, training 0.88-0.91 / 0.90-0.96,
-    # backward 0.91-0.94 / 0.84-0.89.
+    # Channels-first gained less at one thread and lost at two (inference
+    # 0.42 -> 0.49 ms), float16 up to 25 %; backward was mixed in both layouts.
     nb = cnp.PyArray_NBYTES(y)
     j.stream = nb >= (stream_bytes // 2 if op == FWD_TRAIN_NHWC or op == FWD_INFER_NHWC
-                      or (cnp.PyArray_ITEMSIZE(y) == 2 and op != BWD_NHWC)
                       else stream_bytes)
     # Calls that touch less than 3/4 of FASTBN_STREAM_BYTES (x, y and dy together) are taken
     # to run in cache (the caller just wrote x): channels-last element-wise rows of 512 B -
