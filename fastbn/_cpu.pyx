@@ -305,7 +305,7 @@ cdef inline void cl_dx_cached(const data_t* x, const data_t* g, data_t* y, Py_ss
     in float32 lanes from the float32 dcols (fbn_cl_dx_lineo_f16), where
     fbn_tew op 1 converts float64 columns to 8 lanes at each load.  Backward,
     1 thread, A/B: 0.71-0.89 of the time with 128-1024 channels (0.7-6.4 MB)
-    and 0.93-0.96 with 2048 from memory; 2048 channels in cache 1.06-1.09
+    and 0.93-1.04 with 2048 from memory; 2048 channels in cache 1.06-1.09
     (their 32 KiB of float32 columns against four rows per load in fbn_tew),
     which keep fbn_tew.  Other types: fbn_tew."""
     if data_t is half_t:

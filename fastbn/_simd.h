@@ -868,13 +868,6 @@ static inline fbn_x8_##S fbn_xtld_##S(const T *p, ptrdiff_t c, ptrdiff_t C) {   
     return c + 8 <= C ? fbn_xld_##S(p) : fbn_xldn_##S(p, C - c, 0);               \
 }                                                                                 \
                                                                                   \
-/* Statistics (g == NULL): ps[c] = sum of (x - shift[c]), pq[c] = the sum of     \
- * squares; gradients: ps[c] = sum of g, pq[c] = sum of g * (x - shift[c]).      \
- * Float64 lanes, 8 channels each, every channel summed from 0 in one lane in   \
- * the order of fbn_ways: the rows in K interleaved parts, then the rest.       \
- * Narrow tiles walk each group of 8 down the rows with the sums in registers;  \
- * wide tiles stream K rows at a time with the sums in ps / pq (L1).  Both give  \
- * the same bits. */                                                             \
 /* fbn_tsums over a tile of NG <= 8 whole groups of 8 channels, row by row:    \
  * the 2 NG sums and NG shifts stay in registers (with 64 channels they were    \
  * loaded and stored back every step of rows; with fewer each group walked the \
@@ -914,6 +907,14 @@ static inline void fbn_tsumsr_##S(const T *x, const T *g, ptrdiff_t C,          
         fbn_st_f64(ps + c0 + 8 * q, a[q]); fbn_st_f64(pq + c0 + 8 * q, b[q]);     \
     }                                                                             \
 }                                                                                 \
+/* Statistics (g == NULL): ps[c] = sum of (x - shift[c]), pq[c] = the sum of     \
+ * squares; gradients: ps[c] = sum of g, pq[c] = sum of g * (x - shift[c]).      \
+ * Float64 lanes, 8 channels each, every channel summed from 0 in one lane in   \
+ * the order of fbn_ways: the rows in K interleaved parts, then the rest.       \
+ * Tiles of at most 64 channels in whole groups of 8 go row by row with all     \
+ * their sums in registers (fbn_tsumsr); other narrow tiles walk each group of  \
+ * 8 down the rows with its sums in registers; wide tiles stream K rows at a    \
+ * time with the sums in ps / pq (L1).  All give the same bits. */              \
 static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,             \
                                  ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,        \
                                  ptrdiff_t c1, const double *shift,               \
@@ -1217,8 +1218,9 @@ static inline void fbn_cl_dx_ntr_##S(const T *x, const T *g, T *y, ptrdiff_t n, 
                                           B[k], fbn_xldn_##S(x + i, r, 0), m[k], K[k])); \
     }                                                                             \
 }                                                                                 \
-/* fbn_cl_dx_ntr when its period fits in registers (NV = C / gcd(C, 8) <=     \
- * NVMAX: 8 with the mean folded, 24 registers; else 4); returns 0 otherwise. */ \
+/* fbn_cl_dx_ntr when its period fits in registers: NV = C / gcd(C, 8) up to  \
+ * 8 with the mean folded (three columns, 24 registers), else up to 4; returns \
+ * 0 otherwise. */                                                               \
 static inline int fbn_cl_dx_ntv_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
                                     ptrdiff_t C, const double *dcols) {           \
     ptrdiff_t q = C, w = 8, t;                                                    \
