@@ -239,3 +239,32 @@ def test_streaming_and_ordinary_stores_give_the_same_bits(rng, stream_threshold,
     for other in results[1:]:
         for got, want in zip(other, results[0]):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("C", [8, 24, 48, 64])
+def test_channel_sums_do_not_depend_on_the_tile_path(rng, dtype, C):
+    """Channels-last sums: each channel is summed in one lane, in an order set by
+    the rows alone.  A tile of at most 64 channels in whole groups of 8 keeps its
+    sums in registers (fbn_tsumsr); one more channel sends the same rows down the
+    other paths (under 64: each group walks the rows on its own; 64 and more: the
+    sums in L1).  The first C channels must come out with the same bits either
+    way: statistics, output, gradient sums and dx.  1003 rows: one row chunk for
+    both widths, with rows left over after the K parts."""
+    dtype = np.dtype(dtype)
+    M = 1003
+    x = make_x(rng, (M, C + 1), dtype, offset=3.0)
+    dy = make_x(rng, (M, C + 1), dtype)
+    w = rng.uniform(0.5, 2, C + 1).astype(param_dtype(dtype))
+    b = rng.standard_normal(C + 1).astype(param_dtype(dtype))
+    xs, dys = np.ascontiguousarray(x[:, :C]), np.ascontiguousarray(dy[:, :C])
+    for nt in (1, 2):
+        y1, ctx1 = fastbn.forward(x, w, b, axis=-1, num_threads=nt)
+        y0, ctx0 = fastbn.forward(xs, w[:C], b[:C], axis=-1, num_threads=nt)
+        dx1, dw1, db1 = fastbn.backward(dy, ctx1, num_threads=nt)
+        dx0, dw0, db0 = fastbn.backward(dys, ctx0, num_threads=nt)
+        for got, want in [(ctx0.mean, ctx1.mean[:C]), (ctx0.invstd, ctx1.invstd[:C]),
+                          (y0, y1[:, :C]), (dw0, dw1[:C]), (db0, db1[:C]),
+                          (dx0, dx1[:, :C])]:
+            np.testing.assert_array_equal(got, want)
