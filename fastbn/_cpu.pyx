@@ -88,6 +88,8 @@ cdef extern from "_simd.h" nogil:
     void fbn_cl_nt_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     void fbn_cl_nt2_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const float* cols)
     void fbn_cl_nt2_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const double* cols)
+    void fbn_cl_nt4_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const float* cols)
+    void fbn_cl_nt4_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const double* cols)
     int fbn_cl_ntv_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     int fbn_cl_ntv_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* cols)
     int fbn_cl_ntv_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
@@ -156,6 +158,10 @@ DEF TWO_PASS_RUN = 4096
 DEF STREAMS = 4
 # Channels-last: channel tiles of the reduction tasks.
 DEF CTASK = 256
+DEF NT4_ROW = 8192          # channels-last forward rows streamed four quarters at
+                            # once from here (cl_nt); A/B, 1 thread: 2048-4096 float32
+                            # channels inference 0.88-0.90, training 0.90-0.97;
+                            # 4 KiB rows 1.23-1.54x slower (128x1024x7x7)
 # Channels-first runs at least this long go through the streaming span writer
 # (fbn_span_nt: a vector crosses at most one run boundary, and the aligned
 # head fits in the first run for every dtype).
@@ -318,10 +324,25 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
     stores: in two halves at once (fbn_cl_nt2) when the second half starts on
     the same 64-byte phase and a vector fills a line, else in one span
     (fbn_cl_nt).  (float16 vectors are half lines: two streams of half-line
-    streaming stores ran 2.6x slower than one.)  Few channels (a period of at
-    most four vectors, e.g. 64 float32): one span with the coefficients in
-    registers (fbn_cl_ntv)."""
+    streaming stores ran 2.6x slower than one.)  Rows of NT4_ROW bytes or more
+    (2048 float32 channels), whose coefficient columns share L1 badly with the
+    stream: four quarters at once (fbn_cl_nt4), one coefficient load per four
+    vectors.  Few channels (a period of at most four vectors, e.g. 64
+    float32): one span with the coefficients in registers (fbn_cl_ntv)."""
     cdef Py_ssize_t h = nr // 2
+    cdef Py_ssize_t q = nr // 4
+    if data_t is not half_t and C * <Py_ssize_t>sizeof(data_t) >= NT4_ROW and q > 0 \
+            and (q * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0:
+        if data_t is float:
+            fbn_cl_nt4_f32(x, y, q * C, q * C, C, <const float*>cols)
+        else:
+            fbn_cl_nt4_f64(x, y, q * C, q * C, C, <const double*>cols)
+        x += 4 * q * C
+        y += 4 * q * C
+        nr -= 4 * q
+        h = nr // 2
+        if nr == 0:
+            return
     if data_t is float:
         if fbn_cl_ntv_f32(x, y, nr * C, C, <const float*>cols):
             return

@@ -1143,6 +1143,10 @@ static inline int fbn_cl_ntv_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,    
     default: return 0;                                                            \
     }                                                                             \
 }                                                                                 \
+static inline void fbn_cl_nt4_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,  \
+                                  ptrdiff_t C, const M *cols) {                   \
+    fbn_cl_ntk_##S(x, y, n, off, C, cols, 4);                                     \
+}                                                                                 \
 static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,  \
                                   ptrdiff_t C, const M *cols) {                   \
     fbn_cl_ntk_##S(x, y, n, off, C, cols, 2);                                     \

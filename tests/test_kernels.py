@@ -207,6 +207,8 @@ def stream_threshold():
     ((3, 5, 7, 48), -1), ((2, 9, 64), -1), ((3, 7, 24), -1),   # coefficients in registers
                                 # (fbn_cl_ntv: periods of 3, 4 and 3 float32 vectors)
     ((2, 3, 1100), -1),                                 # dx columns larger than L1
+    ((9, 3, 2048), -1),         # rows of 8 KiB and more: four quarter-blocks at once
+                                # (fbn_cl_nt4) and the rows left over
     ((3, 100, 250), -1),        # 1000-byte float32 rows: four rows a step below the
                                 # threshold (in cache), one at a time above
 ])
