@@ -348,13 +348,18 @@ static inline ptrdiff_t fbn_rstep(ptrdiff_t row_bytes, int cached) {
  * the prefetchers see K streams rather than K rows interleaved in a page, and
  * each load / store of the per-channel sums serves K rows.  Part of the
  * numerical definition (it fixes the order of each channel's sum), a function
- * of the row width only: never of the thread count.  Statistics take 4 parts;
- * gradient sums, which read x and dy, 2 (four streams), or 4 for long rows.
- * Measured on a C replica of 51 MB, 1 thread: statistics of 1 KiB rows 4.45 ms
- * one row a step, 4.7 four consecutive rows, 2.04 in 4 parts (read floor 1.6);
- * gradient sums 4.93 / 8.44 / 3.91, in 2 parts 3.47; 8 KiB rows (C = 2048):
- * 2 parts 5.62, 4 parts 4.38. */
+ * of the row width only: never of the thread count.  Statistics take 4 parts,
+ * 8 for rows of 8 KiB and more; gradient sums, which read x and dy, 2 (four
+ * streams), or 4 for long rows.  Measured on a C replica of 51 MB, 1 thread:
+ * statistics of 1 KiB rows 4.45 ms one row a step, 4.7 four consecutive rows,
+ * 2.04 in 4 parts (read floor 1.6); gradient sums 4.93 / 8.44 / 3.91, in 2
+ * parts 3.47; 8 KiB rows (C = 2048): 2 parts 5.62, 4 parts 4.38.  8 parts for
+ * 8 KiB rows and more (their 48 KiB of sums and shifts miss L1, so each step
+ * of rows reloads them): training forward 0.86-0.97 of the time (2048-4096
+ * float32 channels, A/B, 1 thread; 2 threads 0.93; float64 1024-2048 channels
+ * 0.95-0.98); for the gradient sums (sixteen streams) 1.06-1.15x slower. */
 static inline ptrdiff_t fbn_ways(ptrdiff_t row_bytes, int grad) {
+    if (!grad && row_bytes >= 2 * FBN_LONG_ROW) return 8;
     return grad && row_bytes < FBN_LONG_ROW ? 2 : 4;
 }
 
@@ -943,7 +948,12 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
             for (c = c0; c < cf; c += 8) {                                        \
                 fbn_d8 a = fbn_ld_f64(ps + c), b = fbn_ld_f64(pq + c);            \
                 const fbn_d8 sh = fbn_ld_f64(shift + c);                          \
-                if (g == NULL) {                       /* K == 4 */               \
+                if (g == NULL && K == 8) {                                        \
+                    for (ptrdiff_t k = 0; k < 8; k++) {                           \
+                        fbn_d8 d = fbn_ld8_##S(xr + k * hc + c) - sh;             \
+                        a += d; b = fbn_fma_f64(d, d, b);                                       \
+                    }                                                             \
+                } else if (g == NULL) {                /* K == 4 */               \
                     for (ptrdiff_t k = 0; k < 4; k++) {                           \
                         fbn_d8 d = fbn_ld8_##S(xr + k * hc + c) - sh;             \
                         a += d; b = fbn_fma_f64(d, d, b);                                       \

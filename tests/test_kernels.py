@@ -89,6 +89,7 @@ def test_forward_backward_match_reference(rng, mode, layout, rank, dtype, affine
     ((5, 70, 9, 11), 1),        # many channels: per-channel fused path
     ((40, 9, 11, 600), -1),     # channels-last, more than one channel block
     ((4000, 3), 1),             # rank 2, many row chunks
+    ((37, 2048), 1),            # rows of 8 KiB and more: statistics in 8 row parts
 ])
 def test_large_shapes_match_reference(rng, shape, axis, dtype):
     x = make_x(rng, shape, dtype, offset=-2.0)
