@@ -90,6 +90,7 @@ cdef extern from "_simd.h" nogil:
     void fbn_cl_nt2_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const double* cols)
     void fbn_cl_nt4_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const float* cols)
     void fbn_cl_nt4_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const double* cols)
+    void fbn_cl_nt2l_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t off, Py_ssize_t C, const float* cols)
     int fbn_cl_ntv_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     int fbn_cl_ntv_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* cols)
     int fbn_cl_ntv_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
@@ -319,16 +320,20 @@ cdef inline void cl_dx_cached(const data_t* x, const data_t* g, data_t* y, Py_ss
 
 
 cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
-                       const void* cols) noexcept nogil:
+                       const void* cols, bint trained) noexcept nogil:
     """Channels-last forward element-wise over nr whole rows with streaming
-    stores: in two halves at once (fbn_cl_nt2) when the second half starts on
-    the same 64-byte phase and a vector fills a line, else in one span
-    (fbn_cl_nt).  (float16 vectors are half lines: two streams of half-line
-    streaming stores ran 2.6x slower than one.)  Rows of NT4_ROW bytes or more
-    (2048 float32 channels), whose coefficient columns share L1 badly with the
-    stream: four quarters at once (fbn_cl_nt4), one coefficient load per four
-    vectors.  Few channels (a period of at most four vectors, e.g. 64
-    float32): one span with the coefficients in registers (fbn_cl_ntv)."""
+    stores, in the first of these ways that applies:
+    - rows of NT4_ROW bytes or more (2048 float32 channels), whose coefficient
+      columns share L1 badly with the stream: four quarters at once
+      (fbn_cl_nt4), one coefficient load per four vectors;
+    - few channels (a period of at most four vectors, e.g. 64 float32): one
+      span with the coefficients in registers (fbn_cl_ntv);
+    - two halves at once when the second starts on the same 64-byte phase:
+      float32 / float64 a vector of each at a time (fbn_cl_nt2), float16 a
+      whole line of each, two vectors (fbn_cl_nt2l_f16: half-line streaming
+      stores in two streams ran 2.6x slower than one); not for float16 after
+      the statistics (trained) with rows of 4 KiB or more (3-6 % slower);
+    - else one span (fbn_cl_nt)."""
     cdef Py_ssize_t h = nr // 2
     cdef Py_ssize_t q = nr // 4
     if data_t is not half_t and C * <Py_ssize_t>sizeof(data_t) >= NT4_ROW and q > 0 \
@@ -352,6 +357,14 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
     else:
         if fbn_cl_ntv_f16(x, y, nr * C, C, <const float*>cols):
             return
+    if data_t is half_t and h > 0 and (h * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0 \
+            and not (trained and C * <Py_ssize_t>sizeof(data_t) >= 4096):
+        fbn_cl_nt2l_f16(x, y, h * C, h * C, C, <const float*>cols)
+        if nr == 2 * h:
+            return
+        x += 2 * h * C
+        y += 2 * h * C
+        nr -= 2 * h
     if data_t is not half_t and h > 0 \
             and (h * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0:
         if data_t is float:
@@ -833,7 +846,8 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
         if r1 > j.N:
             r1 = j.N
         if op == 0 and j.stream:       # streaming stores (see Job.stream)
-            cl_nt(x + t * rb * j.C, <data_t*>j.y + t * rb * j.C, r1 - t * rb, j.C, cols)
+            cl_nt(x + t * rb * j.C, <data_t*>j.y + t * rb * j.C, r1 - t * rb, j.C, cols,
+                  reduce)
         elif op == 1 and j.stream:
             cl_dx_nt(x + t * rb * j.C, g + t * rb * j.C, <data_t*>j.y + t * rb * j.C,
                      (r1 - t * rb) * j.C, j.C, dcols)

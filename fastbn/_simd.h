@@ -1367,4 +1367,43 @@ static inline int fbn_cl_dx_linev_f16(const uint16_t *x, const uint16_t *g, uint
     }
 }
 
+/* Channels-last forward element-wise of float16 data over two spans of n
+ * elements `off` apart (off a multiple of C and of a line) at once, a whole
+ * 64-byte line of each per step (two 16-lane float32 vectors, one streaming
+ * store): each coefficient load serves two lines.  Heads as fbn_cl_nt_f16;
+ * the rest of each span (under a line) with ordinary stores.  The same
+ * operations per element as fbn_tew op 0: the same bits. */
+static inline void fbn_cl_nt2l_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
+                                   ptrdiff_t off, ptrdiff_t C, const float *cols) {
+    const ptrdiff_t L = C + FBN_COLPAD;
+    const float *hi = cols, *a = cols + L, *b = cols + 2 * L;
+    ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / 2;
+    ptrdiff_t i, c, c2, r, q;
+    if (h > n) h = n;
+    for (q = 0; q < 2; q++)
+        fbn_cl_nt_f16(x + q * off, y + q * off, h, C, cols);
+    c = h % C;
+    for (i = h; i + 32 <= n; i += 32) {
+        c2 = c + 16; if (c2 >= C) c2 = c2 >= 2 * C ? c2 % C : c2 - C;
+        const fbn_s16 h0 = fbn_ld_f32(hi + c), a0 = fbn_ld_f32(a + c), b0 = fbn_ld_f32(b + c),
+                      h1 = fbn_ld_f32(hi + c2), a1 = fbn_ld_f32(a + c2), b1 = fbn_ld_f32(b + c2);
+        for (q = 0; q < 2; q++) {
+            const ptrdiff_t o = q * off + i;
+            FBN_PF(x + o);
+            fbn_sst2_f16(y + o, (fbn_ld_f16(x + o) - h0) * a0 + b0,
+                         (fbn_ld_f16(x + o + 16) - h1) * a1 + b1);
+        }
+        c = c2 + 16; if (c >= C) c = c >= 2 * C ? c % C : c - C;
+    }
+    for (; i < n; i += r) {
+        r = n - i < 16 ? n - i : 16;
+        const fbn_s16 hv = fbn_ld_f32(hi + c), av = fbn_ld_f32(a + c), bv = fbn_ld_f32(b + c);
+        for (q = 0; q < 2; q++) {
+            const ptrdiff_t o = q * off + i;
+            fbn_stn_f16(y + o, r, (fbn_ldn_f16(x + o, r, 0) - hv) * av + bv);
+        }
+        c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;
+    }
+}
+
 #endif /* FASTBN_SIMD_H */

@@ -205,6 +205,8 @@ def stream_threshold():
     ((6, 5, 3, 7), -1), ((4, 3, 3, 16), -1), ((3, 2, 2, 37), -1), ((40, 3), 1),
     ((64, 16, 8, 8), 1), ((64, 8, 8, 16), -1),          # several blocks / row blocks
     ((5, 7, 32), -1),           # two half-blocks at once (fbn_cl_nt2) and an odd row
+    ((7, 5, 256), -1),          # the same with 512-byte float16 rows, a line a step
+                                # (fbn_cl_nt2l_f16)
     ((3, 5, 7, 48), -1), ((2, 9, 64), -1), ((3, 7, 24), -1),   # coefficients in registers
                                 # (fbn_cl_ntv: periods of 3, 4 and 3 float32 vectors)
     ((2, 3, 1100), -1),                                 # dx columns larger than L1
