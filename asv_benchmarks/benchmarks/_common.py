@@ -16,8 +16,11 @@ import numpy as np
 import fastbn
 
 LAYOUTS = ["nchw", "nhwc"]
-# A tiny tensor (fixed per-call cost) and one well beyond the last-level cache (bandwidth).
-SHAPES = ["16x16x8x8", "64x256x28x28"]
+# A tiny tensor (fixed per-call cost) and three beyond the last-level cache share
+# (bandwidth): 256 channels, 64 channels (channels-last coefficients and sums held in
+# registers) and 2048 channels (channels-last rows of 8 KiB: four quarter-blocks in the
+# forward, statistics in 8 row parts).
+SHAPES = ["16x16x8x8", "64x256x28x28", "128x64x28x28", "64x2048x7x7"]
 DTYPES = ["float32", "float16"]
 THREADS = [1, 2]
 BACKENDS = ["cpu", "gpu"]
