@@ -363,6 +363,16 @@ static inline ptrdiff_t fbn_ways(ptrdiff_t row_bytes, int grad) {
     return grad && row_bytes < FBN_LONG_ROW ? 2 : 4;
 }
 
+/* Vectors of w lanes in the shortest run of whole vectors that is also whole
+ * rows of C channels: lcm(C, w) / w = C / gcd(C, w).  The register-held
+ * channels-last kernels (fbn_cl_ntv, fbn_cl_dx_ntv, fbn_cl_dx_linev_f16) keep
+ * the coefficients of that many vectors. */
+static inline ptrdiff_t fbn_period(ptrdiff_t C, ptrdiff_t w) {
+    ptrdiff_t g = C, t;
+    while (w) { t = g % w; g = w; w = t; }
+    return C / g;
+}
+
 /* The math-type coefficient columns of the channels-last element-wise pass
  * are C + FBN_COLPAD long: entries past C repeat the column from its start
  * (entry j holds channel j mod C), so a vector load at any channel offset
@@ -1143,9 +1153,7 @@ static inline void fbn_cl_ntr_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,   
  * 1-64 channels of float32, say 16, 32, 48 or 64); returns 0 otherwise. */      \
 static inline int fbn_cl_ntv_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,      \
                                  const M *cols) {                                 \
-    ptrdiff_t g = C, w = W, t;                                                    \
-    while (w) { t = g % w; g = w; w = t; }                                        \
-    switch (C / g) {                                                              \
+    switch (fbn_period(C, W)) {                                                   \
     case 1: fbn_cl_ntr_##S(x, y, n, C, cols, 1); return 1;                        \
     case 2: fbn_cl_ntr_##S(x, y, n, C, cols, 2); return 1;                        \
     case 3: fbn_cl_ntr_##S(x, y, n, C, cols, 3); return 1;                        \
@@ -1237,9 +1245,7 @@ static inline void fbn_cl_dx_ntr_##S(const T *x, const T *g, T *y, ptrdiff_t n, 
  * 0 otherwise. */                                                               \
 static inline int fbn_cl_dx_ntv_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
                                     ptrdiff_t C, const double *dcols) {           \
-    ptrdiff_t q = C, w = 8, t;                                                    \
-    while (w) { t = q % w; q = w; w = t; }                                        \
-    switch (C / q) {                                                              \
+    switch (fbn_period(C, 8)) {                                                   \
     case 1: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 1); return 1;                 \
     case 2: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 2); return 1;                 \
     case 3: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 3); return 1;                 \
@@ -1357,9 +1363,7 @@ static inline void fbn_cl_dx_liner_f16(const uint16_t *x, const uint16_t *g, uin
 /* fbn_cl_dx_liner_f16 when NV = lcm(C, 32) / 16 <= 6; returns 0 otherwise. */
 static inline int fbn_cl_dx_linev_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
                                       ptrdiff_t n, ptrdiff_t C, const double *dcols) {
-    ptrdiff_t q = C, w = 32, t;
-    while (w) { t = q % w; q = w; w = t; }
-    switch (C / q * 2) {                 /* lcm(C, 32) / 16 */
+    switch (fbn_period(C, 32) * 2) {     /* lcm(C, 32) / 16 */
     case 2: fbn_cl_dx_liner_f16(x, g, y, n, C, dcols, 2); return 1;
     case 4: fbn_cl_dx_liner_f16(x, g, y, n, C, dcols, 4); return 1;
     case 6: fbn_cl_dx_liner_f16(x, g, y, n, C, dcols, 6); return 1;
