@@ -326,8 +326,9 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
     - rows of NT4_ROW bytes or more (2048 float32 channels), whose coefficient
       columns share L1 badly with the stream: four quarters at once
       (fbn_cl_nt4), one coefficient load per four vectors;
-    - few channels (a period of at most four vectors, e.g. 64 float32): one
-      span with the coefficients in registers (fbn_cl_ntv);
+    - few channels (a period of at most eight vectors, e.g. 128 float32 or 64
+      float64; four for float16): one span with the coefficients in registers
+      (fbn_cl_ntv);
     - two halves at once when the second starts on the same 64-byte phase:
       float32 / float64 a vector of each at a time (fbn_cl_nt2), float16 a
       whole line of each, two vectors (fbn_cl_nt2l_f16: half-line streaming

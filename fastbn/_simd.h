@@ -1116,7 +1116,7 @@ static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,    
                                  const M *cols) {                                 \
     fbn_cl_ntk_##S(x, y, n, 0, C, cols, 1);                                       \
 }                                                                                 \
-/* The same pass when a period of NV <= 4 vectors (P = NV W elements, a       \
+/* The same pass when a period of NV <= 8 vectors (P = NV W elements, a       \
  * multiple of C) holds whole rows: after the head every period starts on the  \
  * same channel, so the coefficients of its NV vectors stay in registers and    \
  * the loop is a copy's (load, two operations, streaming store).  With three   \
@@ -1129,7 +1129,7 @@ static inline void fbn_cl_ntr_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,   
     const M *hi = cols, *a = cols + L, *b = cols + 2 * L;                         \
     ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
     ptrdiff_t i, c, r, k;                                                         \
-    V hv[4], av[4], bv[4];                                                        \
+    V hv[8], av[8], bv[8];                                                        \
     if (h > n) h = n;                                                             \
     fbn_cl_ntk_##S(x, y, h, 0, C, cols, 1);          /* the head, ordinary */     \
     c = h % C;                                                                    \
@@ -1149,16 +1149,25 @@ static inline void fbn_cl_ntr_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,   
         else fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - hv[k]) * av[k] + bv[k]); \
     }                                                                             \
 }                                                                                 \
-/* fbn_cl_ntr when its period fits (NV = lcm(C, W) / W = C / gcd(C, W) <= 4:  \
- * 1-64 channels of float32, say 16, 32, 48 or 64); returns 0 otherwise. */      \
+/* fbn_cl_ntr when its period fits in registers: NV = fbn_period(C, W) up to 8  \
+ * vectors of three coefficients (24 registers; 128 float32 channels, 64       \
+ * float64), up to 4 for float16, whose half-line vectors take two halves a    \
+ * line at a time beyond that (fbn_cl_nt2l_f16); returns 0 otherwise.  96-128   \
+ * float32 channels, inference 0.85-0.92 of the time with 5-8 vectors held,    \
+ * training 0.93-1.02 (A/B, 1 thread; float64 64 channels 0.93 / 0.96). */      \
 static inline int fbn_cl_ntv_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,      \
                                  const M *cols) {                                 \
-    switch (fbn_period(C, W)) {                                                   \
+    const ptrdiff_t nv = fbn_period(C, W);                                        \
+    if (nv > (W * sizeof(T) < 64 ? 4 : 8)) return 0;                              \
+    switch (nv) {                                                                 \
     case 1: fbn_cl_ntr_##S(x, y, n, C, cols, 1); return 1;                        \
     case 2: fbn_cl_ntr_##S(x, y, n, C, cols, 2); return 1;                        \
     case 3: fbn_cl_ntr_##S(x, y, n, C, cols, 3); return 1;                        \
     case 4: fbn_cl_ntr_##S(x, y, n, C, cols, 4); return 1;                        \
-    default: return 0;                                                            \
+    case 5: fbn_cl_ntr_##S(x, y, n, C, cols, 5); return 1;                        \
+    case 6: fbn_cl_ntr_##S(x, y, n, C, cols, 6); return 1;                        \
+    case 7: fbn_cl_ntr_##S(x, y, n, C, cols, 7); return 1;                        \
+    default: fbn_cl_ntr_##S(x, y, n, C, cols, 8); return 1;                       \
     }                                                                             \
 }                                                                                 \
 static inline void fbn_cl_nt4_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,  \

@@ -208,7 +208,8 @@ def stream_threshold():
     ((7, 5, 256), -1),          # the same with 512-byte float16 rows, a line a step
                                 # (fbn_cl_nt2l_f16)
     ((3, 5, 7, 48), -1), ((2, 9, 64), -1), ((3, 7, 24), -1),   # coefficients in registers
-                                # (fbn_cl_ntv: periods of 3, 4 and 3 float32 vectors)
+    ((3, 7, 96), -1), ((5, 3, 128), -1),    # (fbn_cl_ntv: periods of 3, 4, 3, 6 and 8
+                                            # float32 vectors)
     ((2, 3, 1100), -1),                                 # dx columns larger than L1
     ((9, 3, 2048), -1),         # rows of 8 KiB and more: four quarter-blocks at once
                                 # (fbn_cl_nt4) and the rows left over
