@@ -358,20 +358,14 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
     else:
         if fbn_cl_ntv_f16(x, y, nr * C, C, <const float*>cols):
             return
-    if data_t is half_t and h > 0 and (h * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0 \
-            and not (trained and C * <Py_ssize_t>sizeof(data_t) >= 4096):
-        fbn_cl_nt2l_f16(x, y, h * C, h * C, C, <const float*>cols)
-        if nr == 2 * h:
-            return
-        x += 2 * h * C
-        y += 2 * h * C
-        nr -= 2 * h
-    if data_t is not half_t and h > 0 \
-            and (h * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0:
+    if h > 0 and (h * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0 and not (
+            data_t is half_t and trained and C * <Py_ssize_t>sizeof(data_t) >= 4096):
         if data_t is float:
             fbn_cl_nt2_f32(x, y, h * C, h * C, C, <const float*>cols)
-        else:
+        elif data_t is double:
             fbn_cl_nt2_f64(x, y, h * C, h * C, C, <const double*>cols)
+        else:
+            fbn_cl_nt2l_f16(x, y, h * C, h * C, C, <const float*>cols)
         if nr == 2 * h:
             return
         x += 2 * h * C
