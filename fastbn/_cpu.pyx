@@ -167,6 +167,7 @@ DEF NT4_ROW = 8192          # channels-last forward rows streamed four quarters 
 # (fbn_span_nt: a vector crosses at most one run boundary, and the aligned
 # head fits in the first run for every dtype).
 DEF SPAN_MIN = 32
+DEF FUSED_BYTES = 1024
 
 
 ctypedef unsigned short half_t
@@ -474,13 +475,16 @@ cdef inline void grad_coefs(Job* j, Py_ssize_t c, double sdy, double sdyx, Py_ss
         (<param_t*>j.dweight)[c] = <param_t>(sdyx * invstd)
     if j.dbias != NULL:
         (<param_t*>j.dbias)[c] = <param_t>sdy
-    mean[0] = j.mean[c]
     a[0] = wi
     if j.training:
+        mean[0] = j.mean[c]
         b[0] = -wi * invstd * invstd * sdyx / <double>n
         k[0] = -wi * sdy / <double>n
     else:
-        b[0] = 0.0
+        # dx = a dy as the forward's y = (dy - 0) a + b with b = -0: exactly
+        # a dy (see fbn_fold_s16), so the streamed writers take it
+        mean[0] = 0.0
+        b[0] = -0.0
         k[0] = 0.0
 
 
@@ -557,10 +561,12 @@ cdef inline void nchw_ew_runs(Job* j, const data_t* x, int op, Py_ssize_t r0, Py
     channel r % C); cf holds 4 coefficients per channel."""
     cdef Py_ssize_t r, off
     cdef Py_ssize_t c = r0 % j.C
-    if j.stream and j.S >= SPAN_MIN and op != 2:
-        # one span, streaming stores (see Job.stream)
-        if op == 0:
-            span_nt(x + r0 * j.S, <data_t*>j.y + r0 * j.S, j.S, r1 - r0, c, j.C, cf)
+    if j.stream and j.S >= SPAN_MIN:
+        # one span, streaming stores (see Job.stream); op 2 is the forward's
+        # writer on dy (grad_coefs)
+        if op != 1:
+            span_nt((x if op == 0 else <const data_t*>j.dy) + r0 * j.S,
+                    <data_t*>j.y + r0 * j.S, j.S, r1 - r0, c, j.C, cf)
         else:
             span_dx_nt(x + r0 * j.S, <const data_t*>j.dy + r0 * j.S, <data_t*>j.y + r0 * j.S,
                        j.S, r1 - r0, c, j.C, cf)
@@ -606,6 +612,10 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         k = 1
     nblk = cdiv(C, k)
 
+    if op == 2 and reduce:
+        nchw_eval_fused(j, x, nq, part, cf, w)
+        free(part)
+        return 0
     # Serial calls stay out of OpenMP: even a one-thread parallel region ends
     # in a futex system call, a measurable part of a small tensor's time.
     if reduce and (nt == 1 or nblk >= 4 * nt):
@@ -647,6 +657,53 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
             nchw_ew_share(j, x, op, tid, nt, nr, rpt, reduce, cf)
     free(part)
     return 0
+
+
+cdef void nchw_eval_fused(Job* j, const data_t* x, Py_ssize_t nq, double* part, double* cf,
+                          const param_t* w) noexcept nogil:
+    """Eval-mode backward with dweight / dbias: dx = a dy needs no sums, so
+    each thread takes its channels sample by sample, reducing a sample's runs
+    and writing their dx while they are in cache: one pass over memory
+    instead of two.  Each channel's runs are reduced in sample order, as in
+    the two passes: the same bits."""
+    cdef Py_ssize_t C = j.C, c
+    cdef int nt = team(C, C * j.N * j.S, j.n_threads), tid
+    cdef double s1, s2
+    for c in range(C):                  # a; dweight / dbias written again below
+        channel_coefs(j, c, False, False, 0.0, 0.0, 0.0, j.N * j.S, <param_t*>NULL,
+                      <param_t*>NULL, w, <const param_t*>NULL, &cf[4 * c], &cf[4 * c + 1],
+                      &cf[4 * c + 2], &cf[4 * c + 3])
+    for c in range(16 * C * nq):
+        part[c] = 0.0
+    if nt == 1:
+        nchw_fused_share(j, x, 0, C, nq, part, cf)
+    else:
+        for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
+            nchw_fused_share(j, x, (C * tid) // nt, (C * (tid + 1)) // nt, nq, part, cf)
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
+        channel_coefs(j, c, False, False, 0.0, s1, s2, j.N * j.S, <param_t*>NULL,
+                      <param_t*>NULL, w, <const param_t*>NULL, &cf[4 * c], &cf[4 * c + 1],
+                      &cf[4 * c + 2], &cf[4 * c + 3])
+
+
+cdef inline void nchw_fused_share(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c1,
+                                  Py_ssize_t nq, double* part,
+                                  const double* cf) noexcept nogil:
+    """Channels [c0, c1) of nchw_eval_fused, one sample at a time."""
+    cdef Py_ssize_t nn, c, b0, b1
+    cdef Py_ssize_t step = c1 - c0 if j.stream else cdiv(FUSED_BYTES, j.S * <Py_ssize_t>sizeof(data_t))
+    for nn in range(j.N):
+        b0 = c0
+        while b0 < c1:
+            b1 = b0 + step if b0 + step < c1 else c1
+            for c in range(b0, b1):
+                nchw_reduce_run(j, x, nn, c, 0, j.S, (nn * j.S) // CHUNK, True, j.mean[c],
+                                &part[16 * c * nq])
+            nchw_ew_runs(j, x, 2, nn * j.C + b0, nn * j.C + b1, cf)
+            b0 = b1
 
 
 cdef inline void nchw_staggered(Job* j, const data_t* x, Py_ssize_t tid, Py_ssize_t nt,
@@ -776,6 +833,10 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     if reduce:
         for c in range(C):
             shift[c] = j.mean[c] if grad else ld(x, c)
+    if op == 2 and reduce:
+        nhwc_eval_fused(j, x, g, nq, R, shift, part, cf, tot, cols, w)
+        free(part)
+        return 0
 
     if reduce:
         # Whole rows per task when there are enough row chunks to share out
@@ -814,6 +875,49 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     return 0
 
 
+cdef void nhwc_eval_fused(Job* j, const data_t* x, const data_t* g, Py_ssize_t nq,
+                          Py_ssize_t R, const double* shift, double* part, double* cf,
+                          double* tot, void* cols, const param_t* w) noexcept nogil:
+    """Eval-mode backward with dweight / dbias: dx = a dy needs no sums, so
+    each chunk of rows is reduced and its dx written while the chunk is in
+    cache, one pass over memory instead of two (see nchw_eval_fused).  The
+    chunks' partials are the two-pass ones: the same bits."""
+    cdef Py_ssize_t C = j.C, c, q, tid
+    cdef int nt = team(nq, j.N * C, j.n_threads)
+    for c in range(C):                  # a; dweight / dbias written again below
+        channel_coefs(j, c, False, False, 0.0, 0.0, 0.0, j.N, <param_t*>NULL,
+                      <param_t*>NULL, w, <const param_t*>NULL, &cf[c], &cf[C + c],
+                      &cf[2 * C + c], &cf[3 * C + c])
+        put_cols(x, cols, cf, c, C)
+    pad_cols(x, cols, C)
+    if nt == 1:
+        for q in range(nq):
+            nhwc_fused_chunk(j, x, g, q, R, shift, part, cols, cf)
+    else:
+        for q in prange(nq, schedule='static', num_threads=nt):
+            nhwc_fused_chunk(j, x, g, q, R, shift, part, cols, cf)
+    nhwc_merge(part, nq, C, 0, C, tot, tot + C)
+    for c in range(C):
+        channel_coefs(j, c, False, False, 0.0, tot[c], tot[C + c], j.N, <param_t*>NULL,
+                      <param_t*>NULL, w, <const param_t*>NULL, &cf[c], &cf[C + c],
+                      &cf[2 * C + c], &cf[3 * C + c])
+
+
+cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_ssize_t q,
+                                  Py_ssize_t R, const double* shift, double* part,
+                                  const void* cols, const double* cf) noexcept nogil:
+    """Rows [q R, (q + 1) R) of nhwc_eval_fused: their gradient sums, then dx."""
+    cdef Py_ssize_t C = j.C, r0 = q * R, r1 = (q + 1) * R
+    if r1 > j.N:
+        r1 = j.N
+    tile_sums(x, g, C, r0, r1, 0, C, shift, &part[2 * q * C], &part[(2 * q + 1) * C])
+    if j.stream:
+        cl_nt(g + r0 * C, <data_t*>j.y + r0 * C, r1 - r0, C, cols, False)
+        fbn_sfence()
+    else:
+        tile_ew(2, x, g, <data_t*>j.y, C, r0, r1, 0, C, cols, cf, j.cached)
+
+
 cdef inline void nhwc_reduce_task(Job* j, const data_t* x, const data_t* g, Py_ssize_t t,
                                   Py_ssize_t ntile, Py_ssize_t ctask, Py_ssize_t R,
                                   const double* shift, double* part) noexcept nogil:
@@ -843,6 +947,9 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
         if op == 0 and j.stream:       # streaming stores (see Job.stream)
             cl_nt(x + t * rb * j.C, <data_t*>j.y + t * rb * j.C, r1 - t * rb, j.C, cols,
                   reduce)
+        elif op == 2 and j.stream:     # a dy: the forward's writer (grad_coefs)
+            cl_nt(g + t * rb * j.C, <data_t*>j.y + t * rb * j.C, r1 - t * rb, j.C, cols,
+                  False)
         elif op == 1 and j.stream:
             cl_dx_nt(x + t * rb * j.C, g + t * rb * j.C, <data_t*>j.y + t * rb * j.C,
                      (r1 - t * rb) * j.C, j.C, dcols)
@@ -851,7 +958,7 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
                          (r1 - t * rb) * j.C, j.C, dcols)
         else:
             tile_ew(op, x, g, <data_t*>j.y, j.C, t * rb, r1, 0, j.C, cols, cf, j.cached)
-    if op != 2 and j.stream:
+    if j.stream:
         fbn_sfence()
 
 

@@ -386,12 +386,16 @@ static inline double fbn_hsum(fbn_d8 v) {
 
 /* y = (x - mean) a + b as (x - hi) a + bf in the math type: hi the nearest
  * math-type value to the mean, bf = b - (mean - hi) a rounded once (the part
- * of the mean below hi's precision moves into the constant). */
+ * of the mean below hi's precision moves into the constant), and b itself
+ * when the mean is a math-type value, signed zero included: the eval-mode dx
+ * a g runs through the forward's writers as (g - (+0)) a + (-0), which is
+ * a g exactly for every g, whatever the sign of a. */
 static inline void fbn_fold_f64(double m, double a, double b, double *hi, double *bf) {
     *hi = m; *bf = b;
 }
 static inline void fbn_fold_s16(double m, double a, double b, float *hi, float *bf) {
-    *hi = (float)m; *bf = (float)fma(-(m - (double)*hi), a, b);
+    *hi = (float)m;
+    *bf = m == (double)*hi ? (float)b : (float)fma(-(m - (double)*hi), a, b);
 }
 
 /* Channel totals from nq chunk partials of 16 lanes each (see fbn_sums):

@@ -223,28 +223,88 @@ def test_streaming_and_ordinary_stores_give_the_same_bits(rng, stream_threshold,
     dx) gives the same bits with streaming stores (threshold 0) as with
     ordinary ones (threshold out of reach), for y and dx at any alignment,
     run lengths below and above the span writers' minimum, 1 and 2 threads.
-    The threshold also sets the channels-last row step (fbn_rstep)."""
+    The threshold also sets the channels-last row step (fbn_rstep).
+
+    Eval-mode backward too (dx = a dy, which streams through the forward's
+    writers as (dy - (+0)) a + (-0)): with weights of both signs and zeros of
+    both signs in dy, its dx keeps the sign of a dy's zeros, bit for bit."""
     dtype = np.dtype(dtype)
     C = shape[axis]
     x = make_x(rng, shape, dtype, offset=0.75)
     dy = make_x(rng, shape, dtype)
     w = rng.uniform(0.5, 2, C).astype(param_dtype(dtype))
     b = rng.standard_normal(C).astype(param_dtype(dtype))
+    wn = (w * np.where(np.arange(C) % 3 == 1, -1, 1)).astype(w.dtype)   # both signs
+    dz = dy.copy()
+    dz.flat[::5] = 0.0
+    dz.flat[2::7] = -0.0
     results = []
     for threshold in (1 << 62, 0):
         stream_threshold(threshold)
         for nt in (1, 2):
             stats = fastbn.RunningStats(C, dtype=param_dtype(dtype))
-            buf = np.zeros(2 * x.size + 32, dtype)
+            buf = np.zeros(3 * x.size + 48, dtype)
             y = buf[misalign:misalign + x.size].reshape(shape)
             dx = buf[x.size + 16 + misalign:2 * x.size + 16 + misalign].reshape(shape)
+            edx = buf[2 * x.size + 32 + misalign:3 * x.size + 32 + misalign].reshape(shape)
             _, ctx = fastbn.forward(x, w, b, stats, axis=axis, out=y, num_threads=nt)
             fastbn.backward(dy, ctx, out=dx, num_threads=nt)
-            yi, _ = fastbn.forward(x, w, b, stats, axis=axis, training=False, num_threads=nt)
-            results.append((y.copy(), dx.copy(), yi))
+            yi, ictx = fastbn.forward(x, wn, b, stats, axis=axis, training=False,
+                                      num_threads=nt)
+            _, edw, edb = fastbn.backward(dz, ictx, out=edx, num_threads=nt)
+            _, nctx = fastbn.forward(x, None, None, stats, axis=axis, training=False,
+                                     num_threads=nt)
+            ndx, _, _ = fastbn.backward(dz, nctx, num_threads=nt)
+            results.append((y.copy(), dx.copy(), yi, edx.copy(), edw, edb, ndx))
+            zero = dz == 0
+            a_neg = np.broadcast_to(np.signbit(wn).reshape([-1 if d == axis % x.ndim else 1
+                                                            for d in range(x.ndim)]), shape)
+            np.testing.assert_array_equal(np.signbit(edx[zero]),
+                                          np.signbit(dz[zero]) ^ a_neg[zero])
     for other in results[1:]:
         for got, want in zip(other, results[0]):
-            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout,shape", [
+    ("nchw", (3, 5, 40)), ("nchw", (4, 70, 196)), ("nchw", (2, 3, 9000)),
+    ("nhwc", (37, 5)), ("nhwc", (300, 64)), ("nhwc", (2000, 256)), ("nhwc", (40, 2048)),
+])
+@pytest.mark.parametrize("threshold", [0, 1 << 62], ids=["streamed", "cached"])
+def test_eval_backward_sums_are_the_training_sums(rng, stream_threshold, dtype, layout,
+                                                  shape, threshold):
+    """The eval-mode backward reduces each chunk and writes its dx in one pass
+    (nchw_eval_fused / nhwc_eval_fused); its dweight and dbias come from the
+    same chunk partials as the training backward's, so with the same mean and
+    invstd they are the same bits, at 1 and 2 threads."""
+    from fastbn import _cpu
+
+    stream_threshold(threshold)
+    C = shape[1]
+    pdt = param_dtype(dtype)
+    x = make_x(rng, shape, dtype, offset=2.0)
+    dy = make_x(rng, shape, dtype)
+    mean = rng.standard_normal(C) + 2.0
+    invstd = rng.uniform(0.5, 2.0, C)
+    w = rng.standard_normal(C).astype(pdt)
+    kernel = _cpu.backward_nchw if layout == "nchw" else _cpu.backward_nhwc
+    out = {}
+    for training in (True, False):
+        for nt in (1, 2):
+            dx, dw, db = np.empty_like(x), np.empty(C, pdt), np.empty(C, pdt)
+            kernel(x, dy, dx, mean, invstd, w, dw, db, training, nt)
+            out[training, nt] = (dx, dw, db)
+    a = (w.astype(np.float64) * invstd).astype(np.float64 if dtype == np.float64
+                                                else np.float32)
+    want_dx = (dy * a.reshape((1, C, 1) if layout == "nchw" else (1, C))).astype(dtype)
+    for nt in (1, 2):
+        np.testing.assert_array_equal(out[False, nt][1].view(np.uint8),
+                                      out[True, 1][1].view(np.uint8))
+        np.testing.assert_array_equal(out[False, nt][2].view(np.uint8),
+                                      out[True, 1][2].view(np.uint8))
+        np.testing.assert_array_equal(out[False, nt][0], want_dx)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
