@@ -167,6 +167,11 @@ DEF NT4_ROW = 8192          # channels-last forward rows streamed four quarters 
 # (fbn_span_nt: a vector crosses at most one run boundary, and the aligned
 # head fits in the first run for every dtype).
 DEF SPAN_MIN = 32
+# The eval-mode backward with dweight / dbias (nchw_eval_fused) reduces a
+# thread's runs of a sample and writes their dx in pieces of about this many
+# bytes when dx is not streamed (in cache): 1-4 KiB pieces took 0.66-0.76 of
+# the time of whole spans (1 thread, 0.5-6.4 MB).  Streamed, pieces were
+# slower (1 KiB 1.10-1.38x, 8 KiB 1.03-1.21x): each sample's span goes whole.
 DEF FUSED_BYTES = 1024
 
 
@@ -694,7 +699,9 @@ cdef inline void nchw_fused_share(Job* j, const data_t* x, Py_ssize_t c0, Py_ssi
                                   const double* cf) noexcept nogil:
     """Channels [c0, c1) of nchw_eval_fused, one sample at a time."""
     cdef Py_ssize_t nn, c, b0, b1
-    cdef Py_ssize_t step = c1 - c0 if j.stream else cdiv(FUSED_BYTES, j.S * <Py_ssize_t>sizeof(data_t))
+    cdef Py_ssize_t step = c1 - c0                 # streamed: the whole span
+    if not j.stream:
+        step = cdiv(FUSED_BYTES, j.S * <Py_ssize_t>sizeof(data_t))
     for nn in range(j.N):
         b0 = c0
         while b0 < c1:
