@@ -4,7 +4,9 @@ One table: operation x layout x shape x dtype x threads, with
 
     fastbn   median seconds per call (inputs and the out= buffer reused between calls)
     GB/s     floor bytes / time; the floor is 2*E*s bytes for a forward (read x, write y)
-             and 3*E*s for a backward (read x and dy, write dx), E elements of s bytes
+             and 3*E*s for a backward (read x and dy, write dx), E elements of s bytes;
+             backward-eval is the backward after an inference forward (frozen
+             statistics, dweight and dbias still computed: fine-tuning)
     eff      GB/s over the copy bandwidth of a buffer of x's size on as many threads
              (fastbn._cpu.parallel_copy, the faster of memcpy and a streaming-store
              copy, timed in the same round-robin): 1.0 is the floor
@@ -40,7 +42,7 @@ import numpy as np
 import fastbn
 from fastbn import _cpu, _reference
 
-OPS = ("forward-train", "forward-infer", "backward")
+OPS = ("forward-train", "forward-infer", "backward", "backward-eval")
 LAYOUTS = ("nchw", "nhwc")
 DEFAULT_SHAPES = ((16, 16, 8, 8), (32, 64, 56, 56), (256, 256, 14, 14), (64, 2048, 7, 7),
                   (128, 64, 28, 28), (4096, 1024))
@@ -142,8 +144,8 @@ def fastbn_call(op, inp, threads):
     if op == "forward-infer":
         return lambda: fastbn.forward(x, w, b, stats, training=False, eps=EPS, axis=axis,
                                       out=out, num_threads=threads)
-    _, ctx = fastbn.forward(x, w, b, stats, training=True, eps=EPS, axis=axis, out=out,
-                            num_threads=threads)
+    _, ctx = fastbn.forward(x, w, b, stats, training=op == "backward", eps=EPS, axis=axis,
+                            out=out, num_threads=threads)
     dy, dx = inp.dy, np.empty_like(x)
     return lambda: fastbn.backward(dy, ctx, out=dx, num_threads=threads)
 
@@ -156,9 +158,13 @@ def reference_call(op, inp):
                                           eps=EPS, axis=axis)
     if op == "forward-infer":
         return lambda: _reference.forward(x, w, b, rm, rv, training=False, eps=EPS, axis=axis)
-    fwd = _reference.forward(x, w, b, training=True, eps=EPS, axis=axis)
-    dy, mean, invstd = inp.dy, fwd.mean, fwd.invstd
-    return lambda: _reference.backward(dy, x, mean, invstd, w, training=True, axis=axis)
+    if op == "backward-eval":
+        mean, invstd = rm, 1.0 / np.sqrt(rv + EPS)
+    else:
+        fwd = _reference.forward(x, w, b, training=True, eps=EPS, axis=axis)
+        mean, invstd = fwd.mean, fwd.invstd
+    training = op == "backward"
+    return lambda: _reference.backward(inp.dy, x, mean, invstd, w, training=training, axis=axis)
 
 
 def copy_call(inp, threads, stream):
@@ -213,8 +219,11 @@ def torch_call(op, inp, threads):
         training = op == "forward-train"
         return lambda: aten.native_batch_norm.out(x, w, b, rm, rv, training, MOMENTUM, EPS,
                                                   out=out, save_mean=sm, save_invstd=si)
-    _, mean, invstd = aten.native_batch_norm(x, w, b, rm.clone(), rv.clone(), True, MOMENTUM, EPS)
     mask = [True, True, True]
+    if op == "backward-eval":          # the running statistics are the constants
+        return lambda: aten.native_batch_norm_backward(dy, x, w, rm, rv, None, None, False,
+                                                       EPS, mask)
+    _, mean, invstd = aten.native_batch_norm(x, w, b, rm.clone(), rv.clone(), True, MOMENTUM, EPS)
     return lambda: aten.native_batch_norm_backward(dy, x, w, rm, rv, mean, invstd, True, EPS,
                                                    mask)
 
@@ -229,11 +238,11 @@ def torch_cuda_sampler(op, inp, cudnn, min_sample_s):
     F = torch.nn.functional
     _, x, dy, w, b, rm, rv = _torch_tensors(inp, "cuda")
     with torch.backends.cudnn.flags(enabled=cudnn):
-        if op == "backward":
+        if op.startswith("backward"):
             x.requires_grad_(True)
             w.requires_grad_(True)
             b.requires_grad_(True)
-            y = F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS)    # graph records the kernel
+            y = F.batch_norm(x, rm, rv, w, b, op == "backward", MOMENTUM, EPS)   # the graph
 
             def call():
                 torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
@@ -431,7 +440,7 @@ def run(opts, progress=sys.stderr):
                 reference_s = med.get("reference", reference_s)
                 cuda_s = med.get("torch_cuda", cuda_s)
                 cudnn_s = med.get("cudnn", cudnn_s)
-                floor = (3 if op == "backward" else 2) * E * inp.dtype.itemsize
+                floor = (3 if op.startswith("backward") else 2) * E * inp.dtype.itemsize
                 rows.append(Row(op=op, layout=layout, shape=tuple(shape),
                                 dtype=inp.dtype.name, threads=threads, elements=E,
                                 itemsize=inp.dtype.itemsize, floor_bytes=floor,

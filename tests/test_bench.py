@@ -38,8 +38,8 @@ def test_bench_json(tmp_path, capsys):
     assert all(_positive(v) for v in data["copy_bandwidth_gbps"].values())
     assert data["machine"]["cores"] >= 1 and data["machine"]["fastbn_threads"] >= 1
     rows = data["rows"]
-    # 4-D: 3 ops x 2 layouts; rank 2 has one memory layout: 3 ops; x 2 dtypes x 2 threads.
-    assert len(rows) == (3 * 2 + 3) * 2 * 2
+    # 4-D: 4 ops x 2 layouts; rank 2 has one memory layout: 4 ops; x 2 dtypes x 2 threads.
+    assert len(rows) == (4 * 2 + 4) * 2 * 2
     assert {r["op"] for r in rows} == set(bench.OPS)
     for r in rows:
         assert set(r) == ROW_FIELDS
@@ -47,7 +47,7 @@ def test_bench_json(tmp_path, capsys):
                     "speedup_reference"):
             assert _positive(r[key]), (key, r)
         assert r["torch_s"] is None and r["speedup_torch"] is None
-        factor = 3 if r["op"] == "backward" else 2
+        factor = 3 if r["op"] in ("backward", "backward-eval") else 2
         assert r["floor_bytes"] == factor * r["elements"] * r["itemsize"]
         assert r["elements"] == math.prod(r["shape"])
 
@@ -165,3 +165,30 @@ def test_parallel_read_and_fill(stream):
         dst[...] = 7
         _cpu.parallel_fill(dst[5:-4], threads, stream)
         assert (dst[5:-4] == 0x5a).all() and (dst[:5] == 7).all() and (dst[-4:] == 7).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("op", bench.OPS)
+def test_bench_contenders_compute_the_same_thing(op, layout):
+    """Each row times one operation: fastbn's call, the reference's and torch's
+    (where importable) give the same results, so the speed-ups compare like
+    with like (backward-eval: frozen running statistics in all three)."""
+    from .conftest import assert_close
+
+    inp = bench.make_inputs((4, 6, 5, 3), np.float32, layout, np.random.default_rng(5))
+    got = bench.fastbn_call(op, inp, 1)()
+    ref = bench.reference_call(op, inp)()
+    if op.startswith("forward"):
+        got, ref = [got[0]], [ref.y]
+    for g, r, what in zip(got, ref, ("out", "dweight", "dbias")):
+        assert_close(g, r, np.float32, f"{op} {what}")
+    if bench._torch() is None:
+        return
+    call = bench.torch_call(op, inp, 1)
+    res = call()
+    res = [res[0]] if op.startswith("forward") else list(res)
+    for t, r, what in zip(res, ref, ("out", "dweight", "dbias")):
+        t = t.contiguous().numpy()                  # logical (N, C, ...) order
+        if t.ndim == 4 and layout == "nhwc":
+            t = t.transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(t, r, rtol=1e-4, atol=1e-4, err_msg=f"torch {op} {what}")
