@@ -606,6 +606,10 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef double* cf = part + 16 * C * nq
     if part == NULL:
         return -1
+    if op == 2 and reduce:              # eval mode with dweight / dbias: one pass
+        nchw_eval_fused(j, x, nq, part, cf, w)
+        free(part)
+        return 0
 
     # Channels per block: contiguous spans of RUN_BYTES, but at least 4 blocks a
     # thread; one block a thread for the short runs of TWO_PASS_RUN (below).
@@ -617,10 +621,6 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         k = 1
     nblk = cdiv(C, k)
 
-    if op == 2 and reduce:
-        nchw_eval_fused(j, x, nq, part, cf, w)
-        free(part)
-        return 0
     # Serial calls stay out of OpenMP: even a one-thread parallel region ends
     # in a futex system call, a measurable part of a small tensor's time.
     if reduce and (nt == 1 or nblk >= 4 * nt):
