@@ -468,6 +468,16 @@ cdef inline void affine_coefs(Job* j, Py_ssize_t c, const param_t* w, const para
     k[0] = 0.0
 
 
+cdef inline void grad_outputs(Job* j, Py_ssize_t c, double sdy, double sdyx,
+                              const param_t* w) noexcept nogil:
+    """dweight / dbias of channel c from sdy = sum(dy), sdyx = sum(dy * (x - mean))
+    (w only selects the parameter type)."""
+    if j.dweight != NULL:
+        (<param_t*>j.dweight)[c] = <param_t>(sdyx * j.invstd[c])
+    if j.dbias != NULL:
+        (<param_t*>j.dbias)[c] = <param_t>sdy
+
+
 cdef inline void grad_coefs(Job* j, Py_ssize_t c, double sdy, double sdyx, Py_ssize_t n,
                             const param_t* w, double* mean, double* a, double* b,
                             double* k) noexcept nogil:
@@ -476,10 +486,7 @@ cdef inline void grad_coefs(Job* j, Py_ssize_t c, double sdy, double sdyx, Py_ss
     (b = k = 0 in eval mode)."""
     cdef double invstd = j.invstd[c]
     cdef double wi = ldp(w, c, 1.0) * invstd
-    if j.dweight != NULL:
-        (<param_t*>j.dweight)[c] = <param_t>(sdyx * invstd)
-    if j.dbias != NULL:
-        (<param_t*>j.dbias)[c] = <param_t>sdy
+    grad_outputs(j, c, sdy, sdyx, w)
     a[0] = wi
     if j.training:
         mean[0] = j.mean[c]
@@ -606,10 +613,11 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cdef double* cf = part + 16 * C * nq
     if part == NULL:
         return -1
-    if op == 2 and reduce:              # eval mode with dweight / dbias: one pass
-        nchw_eval_fused(j, x, nq, part, cf, w)
-        free(part)
-        return 0
+    # Eval mode with dweight / dbias: one pass (nchw_eval_fused), each thread
+    # on whole channels, so only with enough of them to go round (else the
+    # two passes below, which share chunks of channels: 64x1x224x224 at 2
+    # threads took 2.1x, 8x3x224x224 1.4x their time in one pass).
+    cdef bint fused = op == 2 and reduce and (nt == 1 or C >= 4 * nt)
 
     # Channels per block: contiguous spans of RUN_BYTES, but at least 4 blocks a
     # thread; one block a thread for the short runs of TWO_PASS_RUN (below).
@@ -623,7 +631,7 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
 
     # Serial calls stay out of OpenMP: even a one-thread parallel region ends
     # in a futex system call, a measurable part of a small tensor's time.
-    if reduce and (nt == 1 or nblk >= 4 * nt):
+    if reduce and not fused and (nt == 1 or nblk >= 4 * nt):
         if ds <= 4 and S * ds < TWO_PASS_RUN and (train or nt == 1):
             k = cdiv(C, nt)             # each thread's channels in one block
             nblk = cdiv(C, k)
@@ -638,20 +646,24 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         free(part)
         return 0
 
-    if reduce:
+    if reduce and not fused:
         if nt == 1:
             for t in range(C * nq):
                 nchw_reduce_task(j, x, t, nq, grad, part)
         else:
             for t in prange(C * nq, schedule='static', num_threads=nt):
                 nchw_reduce_task(j, x, t, nq, grad, part)
-    for c in range(C):
+    for c in range(C):                  # fused: dweight / dbias rewritten after
         s1 = 0.0
         s2 = 0.0
-        if reduce:
+        if reduce and not fused:
             fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
         channel_coefs(j, c, train, fwd, ld(x, c * S), s1, s2, n, rm, rv, w, b,
                       &cf[4 * c], &cf[4 * c + 1], &cf[4 * c + 2], &cf[4 * c + 3])
+    if fused:
+        nchw_eval_fused(j, x, nt, nq, part, cf, w)
+        free(part)
+        return 0
     rpt = cdiv(EW_BLOCK, S)
     nr = cdiv(N * C, rpt)
     nt = team(nr, C * n, j.n_threads)
@@ -664,20 +676,16 @@ cdef int nchw_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     return 0
 
 
-cdef void nchw_eval_fused(Job* j, const data_t* x, Py_ssize_t nq, double* part, double* cf,
-                          const param_t* w) noexcept nogil:
+cdef void nchw_eval_fused(Job* j, const data_t* x, int nt, Py_ssize_t nq, double* part,
+                          const double* cf, const param_t* w) noexcept nogil:
     """Eval-mode backward with dweight / dbias: dx = a dy needs no sums, so
-    each thread takes its channels sample by sample, reducing a sample's runs
-    and writing their dx while they are in cache: one pass over memory
-    instead of two.  Each channel's runs are reduced in sample order, as in
-    the two passes: the same bits."""
+    each of the nt threads takes its channels sample by sample, reducing a
+    sample's runs and writing their dx while they are in cache: one pass over
+    memory instead of two.  Each channel's runs are reduced in sample order,
+    as in the two passes: the same bits.  cf holds the coefficients."""
     cdef Py_ssize_t C = j.C, c
-    cdef int nt = team(C, C * j.N * j.S, j.n_threads), tid
+    cdef int tid
     cdef double s1, s2
-    for c in range(C):                  # a; dweight / dbias written again below
-        channel_coefs(j, c, False, False, 0.0, 0.0, 0.0, j.N * j.S, <param_t*>NULL,
-                      <param_t*>NULL, w, <const param_t*>NULL, &cf[4 * c], &cf[4 * c + 1],
-                      &cf[4 * c + 2], &cf[4 * c + 3])
     for c in range(16 * C * nq):
         part[c] = 0.0
     if nt == 1:
@@ -689,9 +697,7 @@ cdef void nchw_eval_fused(Job* j, const data_t* x, Py_ssize_t nq, double* part, 
         s1 = 0.0
         s2 = 0.0
         fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
-        channel_coefs(j, c, False, False, 0.0, s1, s2, j.N * j.S, <param_t*>NULL,
-                      <param_t*>NULL, w, <const param_t*>NULL, &cf[4 * c], &cf[4 * c + 1],
-                      &cf[4 * c + 2], &cf[4 * c + 3])
+        grad_outputs(j, c, s1, s2, w)
 
 
 cdef inline void nchw_fused_share(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c1,
@@ -840,12 +846,13 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     if reduce:
         for c in range(C):
             shift[c] = j.mean[c] if grad else ld(x, c)
-    if op == 2 and reduce:
-        nhwc_eval_fused(j, x, g, nq, R, shift, part, cf, tot, cols, w)
-        free(part)
-        return 0
-
-    if reduce:
+    # Eval mode with dweight / dbias: one pass over row chunks (nhwc_eval_fused)
+    # with enough of them to go round the threads (else the two passes below,
+    # which share channel tiles too: (64, 4096) at 2 threads took 1.9x,
+    # (256, 1024) 1.3x their time in one pass).
+    cdef bint fused = op == 2 and reduce and (nq >= 4 * j.n_threads
+                                              or team(nq, M * C, j.n_threads) == 1)
+    if reduce and not fused:
         # Whole rows per task when there are enough row chunks to share out
         # (a row is then read as one stream); otherwise tiles of channels too.
         ctask = C if nq >= 4 * j.n_threads else CTASK
@@ -857,17 +864,15 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
         else:
             for t in prange(nq * ntile, schedule='static', num_threads=nt):
                 nhwc_reduce_task(j, x, g, t, ntile, ctask, R, shift, part)
-    if reduce:
+    if reduce and not fused:
         nhwc_merge(part, nq, C, 0, C, tot, tot + C)
-    for c in range(C):
-        s1 = tot[c] if reduce else 0.0
-        s2 = tot[C + c] if reduce else 0.0
-        channel_coefs(j, c, train, fwd, ld(x, c), s1, s2, M, rm, rv, w, b,
-                      &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
-        put_cols(x, cols, cf, c, C)
-    pad_cols(x, cols, C)
+    nhwc_coefs(j, x, train, fwd, reduce and not fused, tot, rm, rv, w, b, cf, cols)
     if op == 1:
         fold_dx_cols(x, j, cf, dcols, C)
+    if fused:
+        nhwc_eval_fused(j, x, g, nq, R, shift, part, cf, tot, cols, w)
+        free(part)
+        return 0
     nr = cdiv(M * C * <Py_ssize_t>sizeof(data_t), NHWC_EW_BYTES)
     nr = cdiv(nr, j.n_threads) * j.n_threads      # as many blocks per thread
     rb = cdiv(M, nr)
@@ -883,20 +888,15 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
 
 
 cdef void nhwc_eval_fused(Job* j, const data_t* x, const data_t* g, Py_ssize_t nq,
-                          Py_ssize_t R, const double* shift, double* part, double* cf,
-                          double* tot, void* cols, const param_t* w) noexcept nogil:
+                          Py_ssize_t R, const double* shift, double* part, const double* cf,
+                          double* tot, const void* cols, const param_t* w) noexcept nogil:
     """Eval-mode backward with dweight / dbias: dx = a dy needs no sums, so
     each chunk of rows is reduced and its dx written while the chunk is in
     cache, one pass over memory instead of two (see nchw_eval_fused).  The
-    chunks' partials are the two-pass ones: the same bits."""
-    cdef Py_ssize_t C = j.C, c, q, tid
+    chunks' partials are the two-pass ones: the same bits.  cols and cf hold
+    the coefficients."""
+    cdef Py_ssize_t C = j.C, c, q
     cdef int nt = team(nq, j.N * C, j.n_threads)
-    for c in range(C):                  # a; dweight / dbias written again below
-        channel_coefs(j, c, False, False, 0.0, 0.0, 0.0, j.N, <param_t*>NULL,
-                      <param_t*>NULL, w, <const param_t*>NULL, &cf[c], &cf[C + c],
-                      &cf[2 * C + c], &cf[3 * C + c])
-        put_cols(x, cols, cf, c, C)
-    pad_cols(x, cols, C)
     if nt == 1:
         for q in range(nq):
             nhwc_fused_chunk(j, x, g, q, R, shift, part, cols, cf)
@@ -905,9 +905,7 @@ cdef void nhwc_eval_fused(Job* j, const data_t* x, const data_t* g, Py_ssize_t n
             nhwc_fused_chunk(j, x, g, q, R, shift, part, cols, cf)
     nhwc_merge(part, nq, C, 0, C, tot, tot + C)
     for c in range(C):
-        channel_coefs(j, c, False, False, 0.0, tot[c], tot[C + c], j.N, <param_t*>NULL,
-                      <param_t*>NULL, w, <const param_t*>NULL, &cf[c], &cf[C + c],
-                      &cf[2 * C + c], &cf[3 * C + c])
+        grad_outputs(j, c, tot[c], tot[C + c], w)
 
 
 cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_ssize_t q,
@@ -918,11 +916,24 @@ cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_s
     if r1 > j.N:
         r1 = j.N
     tile_sums(x, g, C, r0, r1, 0, C, shift, &part[2 * q * C], &part[(2 * q + 1) * C])
+    nhwc_ew_rows(j, x, g, 2, r0, r1, False, cols, cf, <const double*>NULL)
     if j.stream:
-        cl_nt(g + r0 * C, <data_t*>j.y + r0 * C, r1 - r0, C, cols, False)
         fbn_sfence()
-    else:
-        tile_ew(2, x, g, <data_t*>j.y, C, r0, r1, 0, C, cols, cf, j.cached)
+
+
+cdef void nhwc_coefs(Job* j, const data_t* x, bint train, bint fwd, bint summed,
+                     const double* tot, param_t* rm, param_t* rv, const param_t* w,
+                     const param_t* b, double* cf, void* cols) noexcept nogil:
+    """Every channel's coefficients (cf) and element-wise columns (cols), from
+    the merged sums tot when summed (else zero sums: inference, or the
+    eval-mode backward, whose dweight / dbias nhwc_eval_fused writes after)."""
+    cdef Py_ssize_t C = j.C, c
+    for c in range(C):
+        channel_coefs(j, c, train, fwd, ld(x, c), tot[c] if summed else 0.0,
+                      tot[C + c] if summed else 0.0, j.N, rm, rv, w, b,
+                      &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
+        put_cols(x, cols, cf, c, C)
+    pad_cols(x, cols, C)
 
 
 cdef inline void nhwc_reduce_task(Job* j, const data_t* x, const data_t* g, Py_ssize_t t,
@@ -951,22 +962,26 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
         r1 = (t + 1) * rb
         if r1 > j.N:
             r1 = j.N
-        if op == 0 and j.stream:       # streaming stores (see Job.stream)
-            cl_nt(x + t * rb * j.C, <data_t*>j.y + t * rb * j.C, r1 - t * rb, j.C, cols,
-                  reduce)
-        elif op == 2 and j.stream:     # a dy: the forward's writer (grad_coefs)
-            cl_nt(g + t * rb * j.C, <data_t*>j.y + t * rb * j.C, r1 - t * rb, j.C, cols,
-                  False)
-        elif op == 1 and j.stream:
-            cl_dx_nt(x + t * rb * j.C, g + t * rb * j.C, <data_t*>j.y + t * rb * j.C,
-                     (r1 - t * rb) * j.C, j.C, dcols)
-        elif op == 1 and data_t is half_t and (j.C <= 1024 or not j.cached):
-            cl_dx_cached(x + t * rb * j.C, g + t * rb * j.C, <data_t*>j.y + t * rb * j.C,
-                         (r1 - t * rb) * j.C, j.C, dcols)
-        else:
-            tile_ew(op, x, g, <data_t*>j.y, j.C, t * rb, r1, 0, j.C, cols, cf, j.cached)
+        nhwc_ew_rows(j, x, g, op, t * rb, r1, reduce, cols, cf, dcols)
     if j.stream:
         fbn_sfence()
+
+
+cdef inline void nhwc_ew_rows(Job* j, const data_t* x, const data_t* g, int op, Py_ssize_t r0,
+                              Py_ssize_t r1, bint trained, const void* cols, const double* cf,
+                              const double* dcols) noexcept nogil:
+    """The element-wise op on rows [r0, r1): streamed (see Job.stream) by the
+    forward's writer (op 2, a dy, as y = (dy - 0) a + b: see grad_coefs) or
+    the training dx's; else the float16 dx line kernel or the tile pass."""
+    cdef Py_ssize_t o = r0 * j.C
+    if op != 1 and j.stream:
+        cl_nt((x if op == 0 else g) + o, <data_t*>j.y + o, r1 - r0, j.C, cols, trained)
+    elif op == 1 and j.stream:
+        cl_dx_nt(x + o, g + o, <data_t*>j.y + o, (r1 - r0) * j.C, j.C, dcols)
+    elif op == 1 and data_t is half_t and (j.C <= 1024 or not j.cached):
+        cl_dx_cached(x + o, g + o, <data_t*>j.y + o, (r1 - r0) * j.C, j.C, dcols)
+    else:
+        tile_ew(op, x, g, <data_t*>j.y, j.C, r0, r1, 0, j.C, cols, cf, j.cached)
 
 
 cdef inline void* col_phase(const data_t* x, double* p, const void* y,
