@@ -173,6 +173,11 @@ DEF SPAN_MIN = 32
 # the time of whole spans (1 thread, 0.5-6.4 MB).  Streamed, pieces were
 # slower (1 KiB 1.10-1.38x, 8 KiB 1.03-1.21x): each sample's span goes whole.
 DEF FUSED_BYTES = 1024
+# Channels-last calls with at least this many channels share the per-channel
+# coefficients (statistics, running update, columns: about 3 ns a channel)
+# among the threads.  Done by one thread, (16, 16384) float32 inference took
+# longer at 2 threads than at 1 (the spinning worker slows the other vCPU).
+DEF PAR_CHANNELS = 2048
 
 
 ctypedef unsigned short half_t
@@ -926,14 +931,31 @@ cdef void nhwc_coefs(Job* j, const data_t* x, bint train, bint fwd, bint summed,
                      const param_t* b, double* cf, void* cols) noexcept nogil:
     """Every channel's coefficients (cf) and element-wise columns (cols), from
     the merged sums tot when summed (else zero sums: inference, or the
-    eval-mode backward, whose dweight / dbias nhwc_eval_fused writes after)."""
+    eval-mode backward, whose dweight / dbias nhwc_eval_fused writes after).
+    Channels are independent: with PAR_CHANNELS or more the threads share
+    them (see there)."""
+    cdef Py_ssize_t C = j.C
+    cdef int nt = j.n_threads if C >= PAR_CHANNELS else 1
+    cdef int tid
+    if nt == 1:
+        nhwc_coefs_range(j, x, train, fwd, summed, tot, rm, rv, w, b, cf, cols, 0, C)
+    else:
+        for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
+            nhwc_coefs_range(j, x, train, fwd, summed, tot, rm, rv, w, b, cf, cols,
+                             (C * tid) // nt, (C * (tid + 1)) // nt)
+    pad_cols(x, cols, C)
+
+
+cdef inline void nhwc_coefs_range(Job* j, const data_t* x, bint train, bint fwd, bint summed,
+                                  const double* tot, param_t* rm, param_t* rv,
+                                  const param_t* w, const param_t* b, double* cf, void* cols,
+                                  Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     cdef Py_ssize_t C = j.C, c
-    for c in range(C):
+    for c in range(c0, c1):
         channel_coefs(j, c, train, fwd, ld(x, c), tot[c] if summed else 0.0,
                       tot[C + c] if summed else 0.0, j.N, rm, rv, w, b,
                       &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
         put_cols(x, cols, cf, c, C)
-    pad_cols(x, cols, C)
 
 
 cdef inline void nhwc_reduce_task(Job* j, const data_t* x, const data_t* g, Py_ssize_t t,

@@ -22,6 +22,8 @@ CASES = [
     ((4, 9, 9, 700), -1),      # channels-last, two channel blocks
     ((4, 15, 15, 300), -1),    # channels-last: channels 256..295 summed in L1 rows
                                # (one thread) or in registers (a 44-wide tile)
+    ((24, 5000), 1),           # wide rows: the threads share the per-channel
+                               # coefficients (PAR_CHANNELS)
 ]
 
 
