@@ -929,9 +929,10 @@ cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_s
 cdef void nhwc_coefs(Job* j, const data_t* x, bint train, bint fwd, bint summed,
                      const double* tot, param_t* rm, param_t* rv, const param_t* w,
                      const param_t* b, double* cf, void* cols) noexcept nogil:
-    """Every channel's coefficients (cf) and element-wise columns (cols), from
-    the merged sums tot when summed (else zero sums: inference, or the
-    eval-mode backward, whose dweight / dbias nhwc_eval_fused writes after).
+    """Every channel's coefficients (cf) and element-wise columns (cols; not
+    for the training dx, which takes cf and dcols), from the merged sums tot
+    when summed (else zero sums: inference, or the eval-mode backward, whose
+    dweight / dbias nhwc_eval_fused writes after).
     Channels are independent: with PAR_CHANNELS or more the threads share
     them (see there)."""
     cdef Py_ssize_t C = j.C
@@ -943,7 +944,8 @@ cdef void nhwc_coefs(Job* j, const data_t* x, bint train, bint fwd, bint summed,
         for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
             nhwc_coefs_range(j, x, train, fwd, summed, tot, rm, rv, w, b, cf, cols,
                              (C * tid) // nt, (C * (tid + 1)) // nt)
-    pad_cols(x, cols, C)
+    if fwd or not j.training:
+        pad_cols(x, cols, C)
 
 
 cdef inline void nhwc_coefs_range(Job* j, const data_t* x, bint train, bint fwd, bint summed,
@@ -955,7 +957,8 @@ cdef inline void nhwc_coefs_range(Job* j, const data_t* x, bint train, bint fwd,
         channel_coefs(j, c, train, fwd, ld(x, c), tot[c] if summed else 0.0,
                       tot[C + c] if summed else 0.0, j.N, rm, rv, w, b,
                       &cf[c], &cf[C + c], &cf[2 * C + c], &cf[3 * C + c])
-        put_cols(x, cols, cf, c, C)
+        if fwd or not j.training:       # the training dx takes cf and dcols
+            put_cols(x, cols, cf, c, C)
 
 
 cdef inline void nhwc_reduce_task(Job* j, const data_t* x, const data_t* g, Py_ssize_t t,
