@@ -16,12 +16,13 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # GCC only, added where the compiler accepts them (probed).  _cpu.c is one large
-# unit whose speed rests on inlining: the per-channel helpers (channel_coefs,
-# put_cols) and the kernels of _simd.h into the kernel drivers.  At GCC's default
-# unit growth budget (40 %) a few more call sites made it stop inlining some of
-# them: per-channel work of (16, 16384) 1.4x slower, channels-last 128x64x28x28
-# inference and backward 1.14-1.17x (A/B, 1 thread); at 80 % every one of them is
-# inlined again and those times are back (0.96-1.03).  Same bits either way.
+# unit whose speed rests on inlining: the per-channel helpers and the kernels of
+# _simd.h into the kernel drivers.  At GCC's default unit growth budget (40 %) a
+# few more call sites made it stop inlining some of them (the per-channel helpers
+# of 2be4790, put_cols among them): per-channel work of (16, 16384) 1.4x slower,
+# channels-last 128x64x28x28 inference and backward 1.14-1.17x (A/B, 1 thread); at
+# 80 % every one of them is inlined again and those times are back (0.93-1.08).
+# Same bits either way.
 GCC_ONLY_FLAGS = ["--param=inline-unit-growth=80"]
 
 
