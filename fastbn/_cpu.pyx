@@ -491,7 +491,7 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
     """The element-wise coefficients of channels [c0, c1), channel c's at
     cm[c cs], ca[c cs], cb[c cs], ck[c cs] (mean, a, b, k):
     - forward, y = (x - mean) a + b: from the statistics (stats_range; s1, s2,
-      shift: the merged sums and shifts in training);
+      shift: the merged sums and shifts in training, else unread);
     - backward, dx = a dy + b (x - mean) + k: from the gradient sums s1 =
       sum(dy), s2 = sum(dy (x - mean)), also writing dweight / dbias (not when
       s1 is NULL: the eval-mode one pass writes them after); in eval mode
@@ -693,16 +693,14 @@ cdef inline void nchw_coefs(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c
                             Py_ssize_t nq, bint train, bint fwd, bint summed, double* part,
                             double* tot, double* cf, param_t* rm, param_t* rv,
                             const param_t* w, const param_t* b) noexcept nogil:
-    """Channels [c0, c1): their merged sums (when summed, else zeros) and
-    shifts into tot, the forward's statistics, the coefficients into cf."""
+    """Channels [c0, c1): their merged sums (when summed) and shifts into tot,
+    the forward's statistics, the coefficients into cf."""
     cdef Py_ssize_t C = j.C, c
     for c in range(c0, c1):
-        tot[c] = 0.0
-        tot[C + c] = 0.0
         if summed:
             fbn_merge16(&part[16 * c * nq], nq, &tot[c], &tot[C + c])
         tot[2 * C + c] = ld(x, c * j.S)
-    coefs_range(j, c0, c1, train, fwd, tot if summed or fwd else NULL, tot + C, tot + 2 * C,
+    coefs_range(j, c0, c1, train, fwd, tot if summed else NULL, tot + C, tot + 2 * C,
                 j.N * j.S, rm, rv, w, b, cf, cf + 1, cf + 2, cf + 3, 4)
 
 
@@ -974,7 +972,7 @@ cdef inline void nhwc_coefs_range(Job* j, const data_t* x, bint train, bint fwd,
                                   param_t* rv, const param_t* w, const param_t* b, double* cf,
                                   void* cols, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     cdef Py_ssize_t C = j.C, c
-    coefs_range(j, c0, c1, train, fwd, tot if summed or fwd else NULL, tot + C, shift, j.N,
+    coefs_range(j, c0, c1, train, fwd, tot if summed else NULL, tot + C, shift, j.N,
                 rm, rv, w, b, cf, cf + C, cf + 2 * C, cf + 3 * C, 1)
     if fwd or not j.training:           # the training dx takes cf and dcols
         for c in range(c0, c1):
