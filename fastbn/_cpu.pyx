@@ -174,7 +174,7 @@ DEF SPAN_MIN = 32
 # slower (1 KiB 1.10-1.38x, 8 KiB 1.03-1.21x): each sample's span goes whole.
 DEF FUSED_BYTES = 1024
 # Channels-last calls with at least this many channels share the per-channel
-# coefficients (statistics, running update, columns: about 3 ns a channel)
+# coefficients (statistics, running update, columns: a few ns a channel)
 # among the threads.  Done by one thread, (16, 16384) float32 inference took
 # longer at 2 threads than at 1 (the spinning worker slows the other vCPU).
 DEF PAR_CHANNELS = 2048
@@ -950,7 +950,7 @@ cdef void nhwc_coefs(Job* j, const data_t* x, bint train, bint fwd, bint summed,
                      void* cols) noexcept nogil:
     """Every channel's coefficients (cf) and element-wise columns (cols; not
     for the training dx, which takes cf and dcols), from the merged sums tot
-    when summed (else zero sums: inference, or the eval-mode backward, whose
+    when summed (else none: inference, or the eval-mode backward, whose
     dweight / dbias nhwc_eval_fused writes after).
     Channels are independent: with PAR_CHANNELS or more the threads share
     them (see there)."""
