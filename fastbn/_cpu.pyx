@@ -693,13 +693,14 @@ cdef inline void nchw_coefs(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c
                             Py_ssize_t nq, bint train, bint fwd, bint summed, double* part,
                             double* tot, double* cf, param_t* rm, param_t* rv,
                             const param_t* w, const param_t* b) noexcept nogil:
-    """Channels [c0, c1): their merged sums (when summed) and shifts into tot,
-    the forward's statistics, the coefficients into cf."""
+    """Channels [c0, c1): their merged sums (when summed) and, in the training
+    forward, shifts into tot, the forward's statistics, the coefficients into cf."""
     cdef Py_ssize_t C = j.C, c
     for c in range(c0, c1):
         if summed:
             fbn_merge16(&part[16 * c * nq], nq, &tot[c], &tot[C + c])
-        tot[2 * C + c] = ld(x, c * j.S)
+        if train:
+            tot[2 * C + c] = ld(x, c * j.S)
     coefs_range(j, c0, c1, train, fwd, tot if summed else NULL, tot + C, tot + 2 * C,
                 j.N * j.S, rm, rv, w, b, cf, cf + 1, cf + 2, cf + 3, 4)
 
@@ -722,8 +723,6 @@ cdef void nchw_eval_fused(Job* j, const data_t* x, int nt, Py_ssize_t nq, double
         for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
             nchw_fused_share(j, x, (C * tid) // nt, (C * (tid + 1)) // nt, nq, part, cf)
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
         fbn_merge16(&part[16 * c * nq], nq, &s1, &s2)
         grad_outputs(j, c, s1, s2, w)
 
@@ -889,7 +888,8 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
                 nhwc_reduce_task(j, x, g, t, ntile, ctask, R, shift, part)
     if reduce and not fused:
         nhwc_merge(part, nq, C, 0, C, tot, tot + C)
-    nhwc_coefs(j, x, train, fwd, reduce and not fused, tot, shift, rm, rv, w, b, cf, cols)
+    nhwc_coefs(j, x, train, fwd, reduce and not fused, tot, shift, rm, rv, w, b, cf,
+               cols if op != 1 else NULL)     # the training dx takes cf and dcols
     if op == 1:
         fold_dx_cols(x, j, cf, dcols, C)
     if fused:
@@ -948,8 +948,8 @@ cdef void nhwc_coefs(Job* j, const data_t* x, bint train, bint fwd, bint summed,
                      const double* tot, const double* shift, param_t* rm, param_t* rv,
                      const param_t* w, const param_t* b, double* cf,
                      void* cols) noexcept nogil:
-    """Every channel's coefficients (cf) and element-wise columns (cols; not
-    for the training dx, which takes cf and dcols), from the merged sums tot
+    """Every channel's coefficients (cf) and element-wise columns (cols,
+    unless NULL), from the merged sums tot
     when summed (else none: inference, or the eval-mode backward, whose
     dweight / dbias nhwc_eval_fused writes after).
     Channels are independent: with PAR_CHANNELS or more the threads share
@@ -963,7 +963,7 @@ cdef void nhwc_coefs(Job* j, const data_t* x, bint train, bint fwd, bint summed,
         for tid in prange(nt, schedule='static', chunksize=1, num_threads=nt):
             nhwc_coefs_range(j, x, train, fwd, summed, tot, shift, rm, rv, w, b, cf, cols,
                              (C * tid) // nt, (C * (tid + 1)) // nt)
-    if fwd or not j.training:
+    if cols != NULL:
         pad_cols(x, cols, C)
 
 
@@ -974,7 +974,7 @@ cdef inline void nhwc_coefs_range(Job* j, const data_t* x, bint train, bint fwd,
     cdef Py_ssize_t C = j.C, c
     coefs_range(j, c0, c1, train, fwd, tot if summed else NULL, tot + C, shift, j.N,
                 rm, rv, w, b, cf, cf + C, cf + 2 * C, cf + 3 * C, 1)
-    if fwd or not j.training:           # the training dx takes cf and dcols
+    if cols != NULL:
         for c in range(c0, c1):
             put_cols(x, cols, cf, c, C)
 
