@@ -158,13 +158,11 @@ def reference_call(op, inp):
                                           eps=EPS, axis=axis)
     if op == "forward-infer":
         return lambda: _reference.forward(x, w, b, rm, rv, training=False, eps=EPS, axis=axis)
-    if op == "backward-eval":
-        mean, invstd = rm, 1.0 / np.sqrt(rv + EPS)
-    else:
-        fwd = _reference.forward(x, w, b, training=True, eps=EPS, axis=axis)
-        mean, invstd = fwd.mean, fwd.invstd
-    training = op == "backward"
-    return lambda: _reference.backward(inp.dy, x, mean, invstd, w, training=training, axis=axis)
+    training = op == "backward"          # backward-eval: the running statistics
+    fwd = _reference.forward(x, w, b, None if training else rm, None if training else rv,
+                             training=training, eps=EPS, axis=axis)
+    return lambda: _reference.backward(inp.dy, x, fwd.mean, fwd.invstd, w, training=training,
+                                       axis=axis)
 
 
 def copy_call(inp, threads, stream):
