@@ -104,6 +104,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         from fastbn import bench
+        bench.keep_freed_memory()       # before any large allocation (see its docstring)
         return bench.main(argv[1:])
     if argv:
         print(__doc__)

@@ -15,14 +15,20 @@ One table: operation x layout x shape x dtype x threads, with
              forward = aten.native_batch_norm.out (the kernel behind F.batch_norm,
              writing into a reused output: F.batch_norm itself allocates y on every call,
              and page faults on a fresh large tensor cost more than the kernel);
-             backward = aten.native_batch_norm_backward (its .out variant only copies)
+             backward = aten.native_batch_norm_backward (its .out variant only copies),
+             which returns a fresh dx every call: `python -m fastbn bench` first has
+             glibc keep freed memory for reuse (keep_freed_memory), so that torch's
+             time is its kernel's and not the kernel's page faults
     torch    PyTorch's time; on a CUDA machine also torch-cuda (native kernels) and
              cudnn, timed with CUDA events.
 
 Contenders are interleaved round-robin (fastbn, torch, reference, copy, repeat; the
 order rotates each round) and the median of each is reported, so a noisy neighbour hurts
 all of them alike.  The copy bandwidth of a large buffer (>= 64 MiB, beyond the
-last-level cache) per thread count is printed in the header.  Nothing here asserts speed; --json writes every number.
+last-level cache) per thread count is printed in the header.  Minor page faults in the
+timed calls are counted for fastbn and torch, and the table lists every row where either
+took one or more per call in its median sample (its time then includes the allocator's).  Nothing here
+asserts speed; --json writes every number.
 """
 
 import argparse
@@ -71,6 +77,8 @@ class Row:
     torch_s: Optional[float] = None
     torch_cuda_s: Optional[float] = None
     cudnn_s: Optional[float] = None
+    fastbn_faults: Optional[float] = None     # minor page faults per call, median sample
+    torch_faults: Optional[float] = None
     gbps: float = field(init=False)
     copy_gbps: float = field(init=False)
     efficiency: float = field(init=False)
@@ -280,7 +288,8 @@ def torch_cuda_sampler(op, inp, cudnn, min_sample_s):
 
 def sampler(call, min_sample_s):
     """A function returning the seconds per call of one sample: a loop of k calls, k
-    doubled until a sample lasts at least min_sample_s (tiny tensors)."""
+    doubled until a sample lasts at least min_sample_s (tiny tensors); k is its
+    ``calls`` attribute."""
     call()                              # warm-up: page faults, lazy initialisation
     k = 1
     while True:
@@ -297,17 +306,31 @@ def sampler(call, min_sample_s):
         for _ in range(k):
             call()
         return (time.perf_counter_ns() - t0) / 1e9 / k
+    sample.calls = k
     return sample
 
 
-def round_robin(samplers):
+def _minor_faults():
+    try:
+        import resource
+    except ImportError:                 # not POSIX
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def round_robin(samplers, faults=None):
     """{name: (sample, n)} -> {name: median seconds}: sample each contender in turn,
     n times each, so that slow drifts of the machine hit every contender alike.  The
     order rotates from round to round: contenders share their inputs, and whoever runs
     right after another finds part of its data still in the last-level cache (in A/B
     runs of two builds on one input, 12-51 MB, the second in a fixed order gained
-    5-20 % on the dev VM)."""
+    5-20 % on the dev VM).
+
+    If ``faults`` is a dict, it receives {name: median over the samples of the minor
+    page faults per call} (of every thread of the process, as the times are medians;
+    None where not POSIX)."""
     times = {name: [] for name in samplers}
+    counts = {name: [] for name in samplers}
     names = list(samplers)
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -317,11 +340,52 @@ def round_robin(samplers):
             for name in names[k:] + names[:k]:
                 sample, n = samplers[name]
                 if i < n:
+                    before = _minor_faults()
                     times[name].append(sample())
+                    if before is not None:
+                        counts[name].append((_minor_faults() - before)
+                                            / getattr(sample, "calls", 1))
     finally:
         if gc_was_enabled:
             gc.enable()
+    if faults is not None:
+        for name, per_call in counts.items():
+            faults[name] = statistics.median(per_call) if per_call else None
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+_MALLOC = []        # what keep_freed_memory changed, for the table's header
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed blocks for reuse (this process only).
+
+    torch's backward has no kernel that writes into a given dx: every call allocates
+    a fresh one.  By default glibc maps each block over its mmap threshold (which it
+    raises to at most 32 MiB) anew and unmaps it on free, and gives the free top of the
+    heap back past its trim threshold, so the next call pays a page fault per 4 KiB it
+    writes: 12,500 faults for a
+    256x256x14x14 float32 dx, 20-25 ms on the dev VM against a torch kernel of
+    7-13 ms.  That is the allocator, not batch norm, and a PyTorch user with a
+    caching allocator (jemalloc, tcmalloc) does not pay it, so the bench removes it:
+    blocks up to 1 GiB come from the heap and stay there.  Returns a description of
+    what changed, or None where the C library is not glibc."""
+    if _MALLOC:
+        return _MALLOC[0]
+    done = None
+    if platform.libc_ver()[0] == "glibc":
+        import ctypes
+
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        try:
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+            if mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 1 << 30):
+                done = "glibc malloc keeps freed memory (mmap and trim thresholds 1 GiB)"
+        except (OSError, AttributeError):
+            pass
+    _MALLOC.append(done)
+    return done
 
 
 def copy_bandwidths(threads, repeat, nbytes=BIG_COPY_BYTES):
@@ -360,6 +424,7 @@ def machine_info():
         "python": platform.python_version(),
         "torch": None if torch is None else torch.__version__,
         "cuda_device": None,
+        "malloc": _MALLOC[0] if _MALLOC else None,
         "load_average_start": _load(),
     }
     if torch is not None and torch.cuda.is_available():
@@ -434,7 +499,8 @@ def run(opts, progress=sys.stderr):
                         s = torch_cuda_sampler(op, inp, cudnn, opts.min_sample_s)
                         if s is not None:
                             contenders[name] = (s, opts.repeat)
-                med = round_robin(contenders)
+                faults = {}
+                med = round_robin(contenders, faults)
                 reference_s = med.get("reference", reference_s)
                 cuda_s = med.get("torch_cuda", cuda_s)
                 cudnn_s = med.get("cudnn", cudnn_s)
@@ -446,7 +512,8 @@ def run(opts, progress=sys.stderr):
                                 copy_s=min(med["copy"], med["copy_nt"]),
                                 samples=opts.repeat, reference_s=reference_s,
                                 torch_s=med.get("torch"), torch_cuda_s=cuda_s,
-                                cudnn_s=cudnn_s))
+                                cudnn_s=cudnn_s, fastbn_faults=faults.get("fastbn"),
+                                torch_faults=faults.get("torch")))
         del inp
     if use_torch:
         _torch().set_num_threads(torch_threads)
@@ -504,6 +571,7 @@ def table(rows, bandwidths, info):
                     for t, bw in sorted(bandwidths.items()))
         + f"; load average {info['load_average_start']} at start, "
           f"{info['load_average_end']} at end",
+        f"allocator: {info.get('malloc') or 'as the process found it'}",
         "median time per call; GB/s = floor bytes (forward 2·E·s, backward 3·E·s) / time; "
         "eff = GB/s / copy GB/s of x's size; ×ref, ×torch: speed-up",
         "",
@@ -529,6 +597,13 @@ def table(rows, bandwidths, info):
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     lines.append(fmt(head))
     lines.extend(fmt(c) for c in body)
+    faulty = [(r, who, n) for r in rows
+              for who, n in (("fastbn", r.fastbn_faults), ("torch", r.torch_faults))
+              if n is not None and n >= 1]
+    if faulty:
+        lines += ["", "page faults in the timed calls (their times include the allocator's):"]
+        lines += [f"  {r.op} {r.layout} {_fmt_shape(r.shape)} {r.dtype} {r.threads} thr: "
+                  f"{who} {n:.0f} per call" for r, who, n in faulty]
     return "\n".join(lines)
 
 
@@ -627,4 +702,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     sys.exit(main())

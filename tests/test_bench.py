@@ -3,8 +3,12 @@
 import importlib.util
 import json
 import math
+import mmap
 import pathlib
+import platform
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -17,7 +21,7 @@ SUITE = ROOT / "asv_benchmarks" / "benchmarks"
 ROW_FIELDS = {"op", "layout", "shape", "dtype", "threads", "elements", "itemsize",
               "floor_bytes", "fastbn_s", "copy_s", "samples", "reference_s", "torch_s",
               "torch_cuda_s", "cudnn_s", "gbps", "copy_gbps", "efficiency",
-              "speedup_reference", "speedup_torch"}
+              "speedup_reference", "speedup_torch", "fastbn_faults", "torch_faults"}
 
 
 def _positive(v):
@@ -74,6 +78,67 @@ def test_round_robin_rotates_the_order_and_samples_each_its_count():
                              "c": (sampler("c", 3.0), 2)})
     assert med == {"a": 1.0, "b": 2.0, "c": 3.0}
     assert calls == ["a", "b", "c", "b", "c", "a", "a", "b", "a", "b"]
+
+
+def test_round_robin_counts_the_page_faults_of_each_contender():
+    """A contender that writes fresh memory in its timed calls is seen doing so: the
+    table then says that its time includes the allocator's."""
+    pytest.importorskip("resource")
+    pages = 64
+
+    def fresh():                        # a new anonymous mapping each call, every page written
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE)
+        for i in range(pages):
+            m[i * mmap.PAGESIZE] = 1
+        m.close()
+
+    def quiet():
+        return None
+
+    fresh_sample, quiet_sample = bench.sampler(fresh, 0.0), bench.sampler(quiet, 0.0)
+    faults = {}
+    bench.round_robin({"fresh": (fresh_sample, 5), "quiet": (quiet_sample, 5)}, faults)
+    assert faults["fresh"] >= pages and faults["quiet"] < 1
+    row = bench.Row(op="backward", layout="nchw", shape=(2, 3), dtype="float32", threads=1,
+                    elements=6, itemsize=4, floor_bytes=72, fastbn_s=1e-6, copy_s=1e-6,
+                    samples=5, torch_s=2e-6, fastbn_faults=faults["quiet"],
+                    torch_faults=faults["fresh"])
+    info = {"fastbn": "x", "cpu": "cpu", "cores": 1, "fastbn_threads": 1, "openmp": True,
+            "numpy": "x", "torch": "x", "cuda_device": None, "load_average_start": 0,
+            "load_average_end": 0}
+    text = bench.table([row], {1: 1.0}, info)
+    assert f"backward nchw 2x3 float32 1 thr: torch {faults['fresh']:.0f} per call" in text
+    assert "fastbn" not in text.split("page faults")[1]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_lets_a_large_block_be_reused_without_page_faults():
+    """torch's backward allocates dx on every call; by default glibc maps a 48 MiB
+    block anew each time (one fault per 4 KiB page), and after keep_freed_memory it
+    reuses the freed one.  Run apart: mallopt changes the whole process."""
+    code = textwrap.dedent("""
+        import ctypes, resource
+        from fastbn import bench
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+        libc.free.argtypes = (ctypes.c_void_p,)
+        n = 48 << 20
+        def faults_per_call(calls=4):
+            p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)     # warm-up
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(calls):
+                p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)
+            return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+        default = faults_per_call()
+        what = bench.keep_freed_memory()
+        print(default, faults_per_call(), what is not None, bench.keep_freed_memory() == what)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    default, kept = float(out[0]), float(out[1])
+    pages = (48 << 20) // mmap.PAGESIZE
+    assert default >= pages // 2, out        # (huge pages, if the kernel gives them, fault less)
+    assert kept < 16 and out[2:] == ["True", "True"], out
 
 
 def test_bench_parses_shapes_of_rank_2_to_5():
