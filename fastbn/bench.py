@@ -27,8 +27,8 @@ order rotates each round) and the median of each is reported, so a noisy neighbo
 all of them alike.  The copy bandwidth of a large buffer (>= 64 MiB, beyond the
 last-level cache) per thread count is printed in the header.  Minor page faults in the
 timed calls are counted for fastbn and torch, and the table lists every row where either
-took one or more per call in its median sample (its time then includes the allocator's).  Nothing here
-asserts speed; --json writes every number.
+took one or more per call in its median sample (its time then includes the allocator's).
+Nothing here asserts speed; --json writes every number.
 """
 
 import argparse
@@ -364,11 +364,10 @@ def keep_freed_memory():
     a fresh one.  By default glibc maps each block over its mmap threshold (which it
     raises to at most 32 MiB) anew and unmaps it on free, and gives the free top of the
     heap back past its trim threshold, so the next call pays a page fault per 4 KiB it
-    writes: 12,500 faults for a
-    256x256x14x14 float32 dx, 20-25 ms on the dev VM against a torch kernel of
-    7-13 ms.  That is the allocator, not batch norm, and a PyTorch user with a
-    caching allocator (jemalloc, tcmalloc) does not pay it, so the bench removes it:
-    blocks up to 1 GiB come from the heap and stay there.  Returns a description of
+    writes: 12,500 faults for a 256x256x14x14 float32 dx, 20-25 ms on the dev VM
+    against a torch kernel of 7-13 ms.  That is the allocator, not batch norm, and a
+    PyTorch user with a caching allocator (jemalloc, tcmalloc) does not pay it, so the
+    bench removes it: blocks up to 1 GiB come from the heap and stay there.  Returns a description of
     what changed, or None where the C library is not glibc."""
     if _MALLOC:
         return _MALLOC[0]
