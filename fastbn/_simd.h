@@ -655,6 +655,67 @@ static inline fbn_f8 fbn_xdc_f16(const double *dcols, ptrdiff_t i) {
 #define FBN_DX(FOLD, FMA, A, G, B, X, M, K) \
     FMA((A), (G), FMA((B), (FOLD ? (X) : (X) - (M)), (K)))
 
+/* The wide-tile path of fbn_tsums (below) for float32 data in 4-lane halves:
+ * the same operations per channel in the same order, so the same bits.  On
+ * Zen 4 the 512-bit float -> double conversions are the slower way (a loop of
+ * gradient sums in L1: 0.137 ns per pair in 4-lane halves, 0.161 in 8 lanes).  In
+ * the kernel (A/B, shared arrays, 1 thread): channels-last 256x256x14x14
+ * backward 0.92-0.97 of the time, eval-mode backward 0.89-0.92, (512, 2048)
+ * backward 0.79-0.91; other rows even (2 threads 0.96-0.99). */
+#if FBN_MASKED
+#define FBN_TSUMS4 1
+static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
+                                  ptrdiff_t r0, ptrdiff_t h, ptrdiff_t K, ptrdiff_t rt,
+                                  ptrdiff_t r1, ptrdiff_t c0, ptrdiff_t cf,
+                                  const double *shift, double *ps, double *pq) {
+    const ptrdiff_t hc = h * C;
+    ptrdiff_t c, k;
+    for (c = c0; c < cf; c++) { ps[c] = 0.0; pq[c] = 0.0; }
+    for (ptrdiff_t i = r0; i < r0 + h; i++) {
+        const float *xr = x + i * C, *gr = g == NULL ? NULL : g + i * C;
+        for (c = c0; c < cf; c += 4) {
+            __m256d a = _mm256_loadu_pd(ps + c), b = _mm256_loadu_pd(pq + c);
+            const __m256d sh = _mm256_loadu_pd(shift + c);
+            if (g == NULL) {
+                for (k = 0; k < K; k++) {
+                    const __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(xr + k * hc + c)), sh);
+                    a = _mm256_add_pd(a, d); b = _mm256_fmadd_pd(d, d, b);
+                }
+            } else {
+                for (k = 0; k < K; k++) {
+                    const __m256d gv = _mm256_cvtps_pd(_mm_loadu_ps(gr + k * hc + c));
+                    a = _mm256_add_pd(a, gv);
+                    b = _mm256_fmadd_pd(gv, _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(xr + k * hc + c)), sh), b);
+                }
+            }
+            _mm256_storeu_pd(ps + c, a); _mm256_storeu_pd(pq + c, b);
+        }
+    }
+    for (ptrdiff_t r = rt; r < r1; r++) {
+        for (c = c0; c < cf; c += 4) {
+            __m256d a = _mm256_loadu_pd(ps + c), b = _mm256_loadu_pd(pq + c);
+            const __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + r * C + c)),
+                                            _mm256_loadu_pd(shift + c));
+            if (g == NULL) { a = _mm256_add_pd(a, d); b = _mm256_fmadd_pd(d, d, b); }
+            else {
+                const __m256d gv = _mm256_cvtps_pd(_mm_loadu_ps(g + r * C + c));
+                a = _mm256_add_pd(a, gv); b = _mm256_fmadd_pd(gv, d, b);
+            }
+            _mm256_storeu_pd(ps + c, a); _mm256_storeu_pd(pq + c, b);
+        }
+    }
+}
+#else
+#define FBN_TSUMS4 0
+static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
+                                  ptrdiff_t r0, ptrdiff_t h, ptrdiff_t K, ptrdiff_t rt,
+                                  ptrdiff_t r1, ptrdiff_t c0, ptrdiff_t cf,
+                                  const double *shift, double *ps, double *pq) {
+    (void)x; (void)g; (void)C; (void)r0; (void)h; (void)K; (void)rt; (void)r1;
+    (void)c0; (void)cf; (void)shift; (void)ps; (void)pq;
+}
+#endif
+
 /* ---- the per-type family ---------------------------------------------------
  * T storage type, S suffix, M math scalar, V math vector, W lanes, VS vector
  * suffix (d8 / s16), CVT scalar storage -> math conversion. */
@@ -955,7 +1016,11 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
         default: fbn_tsumsr_##S(x, g, C, r0, h, K, rt, r1, c0, shift, ps, pq, 8); return; \
         }                                                                         \
     }                                                                             \
-    if (cf - c0 >= FBN_ROW_TILE) {                                                \
+    if (FBN_TSUMS4 && sizeof(T) == 4 && cf - c0 >= FBN_ROW_TILE) {              \
+        fbn_tsums4_f32((const float *)x, (const float *)g, C, r0, h, K, rt, r1,   \
+                       c0, cf, shift, ps, pq);                                    \
+        c = cf;                                                                   \
+    } else if (cf - c0 >= FBN_ROW_TILE) {                                         \
         for (c = c0; c < cf; c++) { ps[c] = 0.0; pq[c] = 0.0; }                   \
         for (ptrdiff_t i = r0; i < r0 + h; i++) {  /* rows i, i + h, ... */       \
             const T *xr = x + i * C, *gr = g == NULL ? NULL : g + i * C;          \
