@@ -659,11 +659,11 @@ static inline fbn_f8 fbn_xdc_f16(const double *dcols, ptrdiff_t i) {
  * the same operations per channel in the same order, so the same bits.  On
  * Zen 4 the 512-bit float -> double conversions are the slower way (a loop of
  * gradient sums in L1: 0.137 ns per pair in 4-lane halves, 0.161 in 8 lanes).  In
- * the kernel (A/B, shared arrays, 1 thread): backward 0.74-0.91 of the time in
- * or near the cache (64x256x14x14, (256, 1024), (512, 2048)); 256x256x14x14
- * backward 0.92-0.97 while the VM's memory was fast, 0.97-1.01 while slow;
- * 2 threads 0.96-0.99.  float16 (4 halves at a time) and the channels-first
- * sums were slower this way (BENCHMARKS.md, experiments). */
+ * the kernel, 1 thread, best of 27 timed loops of each build in turn: 256x256x14x14
+ * backward 0.93-0.94 of the time, training forward 0.96; (4096, 1024) backward
+ * 0.98-1.02; in cache (3136 or 256 rows of 256-2048 channels) 0.96-1.02.
+ * float16 (4 halves at a time), the channels-first sums and the in-cache training
+ * dx were no faster this way (BENCHMARKS.md, experiments). */
 #if FBN_MASKED
 #define FBN_TSUMS4 1
 static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
