@@ -257,3 +257,26 @@ def test_bench_contenders_compute_the_same_thing(op, layout):
         if t.ndim == 4 and layout == "nhwc":
             t = t.transpose(0, 2, 3, 1)
         np.testing.assert_allclose(t, r, rtol=1e-4, atol=1e-4, err_msg=f"torch {op} {what}")
+
+
+@pytest.mark.parametrize("method", ["rotated", "best"])
+def test_ab_tool_times_each_build_of_every_op(method, capsys):
+    """tools/ab.py (BENCHMARKS.md, "How A/B runs are made") loads each build as a
+    module of its own and prints a time per build and the ratios: one line per
+    (shape, layout, op, threads)."""
+    from fastbn import _cpu
+
+    spec = importlib.util.spec_from_file_location("fastbn_ab_tool", ROOT / "tools" / "ab.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    so = _cpu.__file__
+    assert ab.main([so, so, "--shapes", "4x24x3x3", "--ops", "train,infer,bwd,eval",
+                    "--threads", "1,2", "--repeat", "2", "--method", method,
+                    "--loop-ms", "0.2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * 4 * 2                       # layouts x ops x threads
+    for line in lines:
+        ratio = float(line.rsplit("ratio", 1)[1])
+        assert math.isfinite(ratio) and ratio > 0, line
+    with pytest.raises(SystemExit):
+        ab.main([so, "--ops", "bwd"])                    # one build: nothing to compare
