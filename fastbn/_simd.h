@@ -709,13 +709,7 @@ static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
 }
 #else
 #define FBN_TSUMS4 0
-static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
-                                  ptrdiff_t r0, ptrdiff_t h, ptrdiff_t K, ptrdiff_t rt,
-                                  ptrdiff_t r1, ptrdiff_t c0, ptrdiff_t cf,
-                                  const double *shift, double *ps, double *pq) {
-    (void)x; (void)g; (void)C; (void)r0; (void)h; (void)K; (void)rt; (void)r1;
-    (void)c0; (void)cf; (void)shift; (void)ps; (void)pq;
-}
+#define fbn_tsums4_f32(...) ((void)0)  /* never called: FBN_TSUMS4 is 0 */
 #endif
 
 /* ---- the per-type family ---------------------------------------------------

@@ -45,6 +45,11 @@ from typing import Optional
 
 import numpy as np
 
+try:
+    import resource                     # minor page faults of the timed calls (POSIX)
+except ImportError:
+    resource = None
+
 import fastbn
 from fastbn import _cpu, _reference
 
@@ -311,11 +316,7 @@ def sampler(call, min_sample_s):
 
 
 def _minor_faults():
-    try:
-        import resource
-    except ImportError:                 # not POSIX
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def round_robin(samplers, faults=None):
