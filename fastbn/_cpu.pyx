@@ -71,7 +71,8 @@ cdef extern from "_simd.h" nogil:
     void fbn_fill(char* d, size_t n, int stream)
     void fbn_xfold_f32(double* m, double* k, double b)
     void fbn_xfold_f16(double* m, double* k, double b)
-    void fbn_fold_s16(double m, double a, double b, float* hi, float* bf)
+    void fbn_put_cols_s16(const double* cf, float* cols, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1)
+    void fbn_put_cols_f64(const double* cf, double* cols, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1)
     Py_ssize_t FBN_COLPAD
     void fbn_cl_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
@@ -415,14 +416,6 @@ cdef inline void tile_ew(int op, const data_t* x, const data_t* g, data_t* y, Py
         fbn_tew_f16(op, x, g, y, C, r0, r1, c0, c1, <const float*>cols, cf, cached)
 
 
-cdef inline void set_col(const data_t* x, void* cols, Py_ssize_t i, double v) noexcept nogil:
-    """cols[i] = v in the math type of data_t (float, or double for float64)."""
-    if data_t is double:
-        (<double*>cols)[i] = v
-    else:
-        (<float*>cols)[i] = <float>v
-
-
 cdef inline int team(Py_ssize_t work, Py_ssize_t elements, int n_threads) noexcept nogil:
     """Threads worth waking for `work` independent tasks over `elements`."""
     if elements < SERIAL_BELOW or work < 2:
@@ -497,39 +490,45 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
       s1 is NULL: the eval-mode one pass writes them after); in eval mode
       b = k = 0, as the forward's y = (dy - 0) a + b with b = -0, which is a dy
       exactly (see fbn_fold_s16), so the streamed writers take it.
-    Loops without calls, for the compiler's vector units (divisions, square
-    roots), the same bits as one channel at a time."""
-    cdef double dn = <double>n, inv, wi
+    Loops without calls, each writing one array, for the compiler's vector
+    units (divisions, square roots; a loop writing four arrays needs more
+    run-time overlap checks than it will version for, and stays scalar): the
+    same bits as one channel at a time."""
+    cdef double dn = <double>n
     cdef const double* mean = j.mean
     cdef const double* invstd = j.invstd
     cdef Py_ssize_t c
     if fwd:
         stats_range(j, c0, c1, train, s1, s2, shift, n, rm, rv)
-        for c in range(c0, c1):
-            cm[c * cs] = mean[c]
-            ca[c * cs] = ldp(w, c, 1.0) * invstd[c]
-            cb[c * cs] = ldp(bias, c, 0.0)
-            ck[c * cs] = 0.0
-        return
-    if s1 != NULL:
+    elif s1 != NULL:
         for c in range(c0, c1):
             grad_outputs(j, c, s1[c], s2[c], w)
-    if j.training:
-        # One loop, not vectorized: split into three loops the compiler
-        # vectorizes it and (16, 16384) took 0.88 of the time, but the
-        # backward of 1024 rows x 16 channels 1.06x.
+    for c in range(c0, c1):
+        cm[c * cs] = mean[c] if fwd or j.training else 0.0
+    if w == NULL:
         for c in range(c0, c1):
-            inv = invstd[c]
-            wi = ldp(w, c, 1.0) * inv
-            cm[c * cs] = mean[c]
-            ca[c * cs] = wi
-            cb[c * cs] = -wi * inv * inv * s2[c] / dn
-            ck[c * cs] = -wi * s1[c] / dn
+            ca[c * cs] = invstd[c]
     else:
         for c in range(c0, c1):
-            cm[c * cs] = 0.0
-            ca[c * cs] = ldp(w, c, 1.0) * invstd[c]
+            ca[c * cs] = <double>w[c] * invstd[c]
+    if fwd:
+        if bias == NULL:
+            for c in range(c0, c1):
+                cb[c * cs] = 0.0
+        else:
+            for c in range(c0, c1):
+                cb[c * cs] = <double>bias[c]
+        for c in range(c0, c1):
+            ck[c * cs] = 0.0
+    elif j.training:
+        for c in range(c0, c1):
+            cb[c * cs] = -ca[c * cs] * invstd[c] * invstd[c] * s2[c] / dn
+        for c in range(c0, c1):
+            ck[c * cs] = -ca[c * cs] * s1[c] / dn
+    else:
+        for c in range(c0, c1):
             cb[c * cs] = -0.0
+        for c in range(c0, c1):
             ck[c * cs] = 0.0
 
 
@@ -975,8 +974,7 @@ cdef inline void nhwc_coefs_range(Job* j, const data_t* x, bint train, bint fwd,
     coefs_range(j, c0, c1, train, fwd, tot if summed else NULL, tot + C, shift, j.N,
                 rm, rv, w, b, cf, cf + C, cf + 2 * C, cf + 3 * C, 1)
     if cols != NULL:
-        for c in range(c0, c1):
-            put_cols(x, cols, cf, c, C)
+        put_cols(x, cols, cf, C, c0, c1)
 
 
 cdef inline void nhwc_reduce_task(Job* j, const data_t* x, const data_t* g, Py_ssize_t t,
@@ -1040,21 +1038,16 @@ cdef inline void* col_phase(const data_t* x, double* p, const void* y,
     return <void*>(a - e * sz)
 
 
-cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssize_t c,
-                          Py_ssize_t C) noexcept nogil:
-    """Channel c's float64 coefficients (mean, a, b, k columns of cf) into the
+cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssize_t C,
+                          Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Channels [c0, c1)'s float64 coefficients (mean, a, b columns of cf) into the
     math-type columns (hi, a, bf) of the element-wise pass: y = (x - hi) a + bf
-    with hi the mean rounded and bf = b - (mean - hi) a (as fbn_fold)."""
-    cdef Py_ssize_t L = C + FBN_COLPAD
-    cdef float hi, bf
-    if data_t is double:                # float64 math: the mean and bias as they are
-        set_col(x, cols, c, cf[c])
-        set_col(x, cols, 2 * L + c, cf[2 * C + c])
+    with hi the mean rounded and bf = b - (mean - hi) a (fbn_put_cols, fbn_fold);
+    float64 math takes the mean and bias as they are."""
+    if data_t is double:
+        fbn_put_cols_f64(cf, <double*>cols, C, c0, c1)
     else:
-        fbn_fold_s16(cf[c], cf[C + c], cf[2 * C + c], &hi, &bf)
-        set_col(x, cols, c, hi)
-        set_col(x, cols, 2 * L + c, bf)
-    set_col(x, cols, L + c, cf[C + c])
+        fbn_put_cols_s16(cf, <float*>cols, C, c0, c1)
 
 
 cdef inline void fold_dx_cols(const data_t* x, Job* j, double* cf, double* dcols,
