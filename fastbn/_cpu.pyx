@@ -160,6 +160,13 @@ DEF TWO_PASS_RUN = 4096
 DEF STREAMS = 4
 # Channels-last: channel tiles of the reduction tasks.
 DEF CTASK = 256
+# Channels-last reduction calls with fewer row chunks than threads go by
+# channel tiles (nhwc_tiled) when each thread's share of a row spans at least
+# this many bytes.  Narrower shares lost: the threads' tiles interleave in
+# every row, and each core's prefetchers run into the other's lines at every
+# boundary ((64, 512) float32, 1 KiB a thread: 1.3-2.1x slower at 2 threads,
+# though one thread took the same tiles in 0.89-1.06 of the time).
+DEF TILED_SPAN = 4096
 DEF NT4_ROW = 8192          # channels-last forward rows streamed four quarters at
                             # once from here (cl_nt); A/B, 1 thread: 2048-4096 float32
                             # channels inference 0.88-0.90, training 0.90-0.97;
@@ -867,6 +874,19 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     if reduce:
         for c in range(C):
             shift[c] = j.mean[c] if grad else ld(x, c)
+    # Fewer row chunks than threads (short, wide tensors), in cache, with
+    # TILED_SPAN bytes of each row a thread: each thread takes whole channel
+    # tiles through every phase (nhwc_tiled).  In eval mode, whose one pass
+    # would run on one thread here; in training, only under MIN_ROWS rows: from
+    # there the two passes below were faster ((64, 2048) float32 at 2 threads:
+    # 1.08x slower tiled, training forward 1.15x; (32, 4096) 0.85 / 0.93).
+    if (reduce and not j.stream and j.n_threads > 1 and nq < j.n_threads
+            and (op == 2 or M < MIN_ROWS)
+            and C * <Py_ssize_t>sizeof(data_t) >= TILED_SPAN * j.n_threads
+            and team(cdiv(C, CTASK), M * C, j.n_threads) == j.n_threads):
+        nhwc_tiled(j, x, g, op, train, fwd, nq, R, shift, part, cf, tot, cols, rm, rv, w, b)
+        free(part)
+        return 0
     # Eval mode with dweight / dbias: one pass over row chunks (nhwc_eval_fused)
     # with enough of them to go round the threads (else the two passes below,
     # which share channel tiles too: (64, 4096) at 2 threads took 1.9x,
@@ -907,6 +927,54 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
             nhwc_ew_share(j, x, g, op, tid, nt, nr, rb, reduce, cols, cf, dcols)
     free(part)
     return 0
+
+
+cdef void nhwc_tiled(Job* j, const data_t* x, const data_t* g, int op, bint train, bint fwd,
+                     Py_ssize_t nq, Py_ssize_t R, const double* shift, double* part,
+                     double* cf, double* tot, void* cols, param_t* rm, param_t* rv,
+                     const param_t* w, const param_t* b) noexcept nogil:
+    """Every phase of a reduction call by channel tiles of CTASK, the threads
+    sharing the tiles: a tile's sums over all row chunks, their merge, its
+    coefficients, then its element-wise op while its rows are in cache.  For
+    short, wide tensors, whose few row chunks cannot go round the threads:
+    there the two passes share the channels out for the sums but the rows for
+    the element-wise op (half of each thread's second pass reads what the
+    other core cached), and the eval-mode one pass runs on one thread.  The
+    same sums, merges and coefficients per channel as the other paths: the
+    same bits."""
+    cdef Py_ssize_t ntile = cdiv(j.C, CTASK), t
+    cdef int nt = team(ntile, j.N * j.C, j.n_threads)
+    if nt == 1:
+        for t in range(ntile):
+            nhwc_tile(j, x, g, op, train, fwd, nq, R, t * CTASK, shift, part, cf, tot, cols,
+                      rm, rv, w, b)
+    else:
+        for t in prange(ntile, schedule='static', num_threads=nt):
+            nhwc_tile(j, x, g, op, train, fwd, nq, R, t * CTASK, shift, part, cf, tot, cols,
+                      rm, rv, w, b)
+
+
+cdef inline void nhwc_tile(Job* j, const data_t* x, const data_t* g, int op, bint train,
+                           bint fwd, Py_ssize_t nq, Py_ssize_t R, Py_ssize_t c0,
+                           const double* shift, double* part, double* cf, double* tot,
+                           void* cols, param_t* rm, param_t* rv, const param_t* w,
+                           const param_t* b) noexcept nogil:
+    """Channels [c0, c0 + CTASK) of nhwc_tiled."""
+    cdef Py_ssize_t C = j.C, q, r1, c
+    cdef Py_ssize_t c1 = c0 + CTASK if c0 + CTASK < C else C
+    for q in range(nq):
+        r1 = (q + 1) * R if (q + 1) * R < j.N else j.N
+        tile_sums(x, g, C, q * R, r1, c0, c1, shift, &part[2 * q * C], &part[(2 * q + 1) * C])
+    nhwc_merge(part, nq, C, c0, c1, tot, tot + C)
+    nhwc_coefs_range(j, x, train, fwd, True, tot, shift, rm, rv, w, b, cf,
+                     cols if op != 1 else NULL, c0, c1)
+    if op == 1:                          # as fold_dx_cols, for the tile
+        for c in range(c0, c1):
+            if data_t is float:
+                fbn_xfold_f32(&cf[c], &cf[3 * C + c], cf[2 * C + c])
+            elif data_t is half_t:
+                fbn_xfold_f16(&cf[c], &cf[3 * C + c], cf[2 * C + c])
+    tile_ew(op, x, g, <data_t*>j.y, C, 0, j.N, c0, c1, cols, cf, j.cached)
 
 
 cdef void nhwc_eval_fused(Job* j, const data_t* x, const data_t* g, Py_ssize_t nq,

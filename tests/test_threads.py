@@ -24,6 +24,10 @@ CASES = [
                                # (one thread) or in registers (a 44-wide tile)
     ((24, 5000), 1),           # wide rows: the threads share the per-channel
                                # coefficients (PAR_CHANNELS)
+    ((16, 9000), 1),           # short and wide: every phase by channel tiles at 2-3
+                               # threads (nhwc_tiled), a partial last tile
+    ((64, 2100), 1),           # one row chunk: the eval-mode backward by channel
+                               # tiles (float32 / float64), the training ops not
 ]
 
 
