@@ -343,6 +343,19 @@ static inline ptrdiff_t fbn_rstep(ptrdiff_t row_bytes, int cached) {
     return cached || row_bytes <= FBN_SHORT_ROW || row_bytes >= FBN_LONG_ROW ? 4 : 1;
 }
 
+/* Whether four rows a step of the element-wise loops (fbn_tew) would crowd L1
+ * sets: rows a multiple of 4 KiB apart put the four rows of each array in one
+ * set (address bits 6-11), and when y starts up to two lines after the array
+ * it is computed from (x; g for op 2) modulo 4 KiB, or just before it, its
+ * lines land in that set too.  numpy's fresh arrays all start at the same
+ * offset modulo 4 KiB, so y = out and x usually do.  Those steps take two
+ * rows.  (512, 2048) float32, 1 thread, best of 7 per placement: see
+ * BENCHMARKS.md ("Placement: L1 sets"). */
+static inline int fbn_set_crowd(ptrdiff_t row_bytes, const void *in, const void *out) {
+    const uintptr_t d = ((uintptr_t)out - (uintptr_t)in) & 4095;
+    return row_bytes % 4096 == 0 && (d < 128 || d >= 4096 - 32);
+}
+
 /* Channels-last sums (fbn_tsums) take a chunk's rows in K parts, K rows a step:
  * row i of each part, then row i + 1.  Each part is one sequential stream, so
  * the prefetchers see K streams rather than K rows interleaved in a page, and
@@ -1118,8 +1131,10 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
      * inference 8x256x14x14 0.055 -> 0.032 ms, 32x64x28x28 0.236 -> 0.125).   \
      * Op 1 converts its float64 columns to the dx lanes at each load          \
      * (float16), which costs more than the interleave. */                    \
-    const ptrdiff_t rstep = W * (ptrdiff_t)sizeof(T) >= 64 || op == 1 || cached   \
-                            ? fbn_rstep(C * (ptrdiff_t)sizeof(T), cached) : 1;    \
+    ptrdiff_t rstep = W * (ptrdiff_t)sizeof(T) >= 64 || op == 1 || cached         \
+                      ? fbn_rstep(C * (ptrdiff_t)sizeof(T), cached) : 1;          \
+    if (rstep == 4 && fbn_set_crowd(C * (ptrdiff_t)sizeof(T), op == 2 ? g : x, y)) \
+        rstep = 2;                                                                \
     for (ptrdiff_t rb = r0; rb < r1; rb += rstep) {                               \
         ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                         \
         if (op == 1) {                                                            \

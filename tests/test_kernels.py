@@ -334,3 +334,52 @@ def test_channel_sums_do_not_depend_on_the_tile_path(rng, dtype, C):
                           (y0, y1[:, :C]), (dw0, dw1[:C]), (db0, db1[:C]),
                           (dx0, dx1[:, :C])]:
             np.testing.assert_array_equal(got, want)
+
+
+def _at_offset(shape, dtype, offset):
+    """An empty array whose data starts `offset` bytes past a 4 KiB boundary."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.empty(n + 8192, np.uint8)
+    start = (-buf.ctypes.data) % 4096 + offset
+    return buf[start:start + n].view(dtype).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_outputs_do_not_depend_on_placement_modulo_4k(rng, dtype):
+    """Channels-last rows of 4 KiB, in cache: the element-wise loops take rows
+    two at a time instead of four when y starts up to two lines after x (or dy)
+    modulo 4 KiB (fbn_set_crowd), and four otherwise.  37 rows: pairs and a
+    last single row.  Every output must have the same bits either way, and
+    match the reference."""
+    dtype = np.dtype(dtype)
+    C = 4096 // dtype.itemsize
+    shape = (37, C)
+    x0 = make_x(rng, shape, dtype, offset=1.5)
+    dy0 = make_x(rng, shape, dtype)
+    pdt = param_dtype(dtype)
+    w = rng.uniform(0.5, 2, C).astype(pdt)
+    b = rng.standard_normal(C).astype(pdt)
+    results = []
+    for x_off, y_off in ((0, 0), (0, 64), (0, 1024)):   # crowded, crowded, not
+        x = _at_offset(shape, dtype, x_off)
+        dy = _at_offset(shape, dtype, x_off)
+        x[...] = x0
+        dy[...] = dy0
+        out = []
+        for training in (True, False):
+            stats = fastbn.RunningStats(C, dtype=pdt)
+            stats.var[...] = 1.5
+            y = _at_offset(shape, dtype, y_off)
+            dx = _at_offset(shape, dtype, y_off)
+            _, ctx = fastbn.forward(x, w, b, stats, training=training, out=y, axis=-1,
+                                    num_threads=1)
+            _, dw, db = fastbn.backward(dy, ctx, out=dx, num_threads=1)
+            out += [y.copy(), dx.copy(), dw, db]
+        results.append(out)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            np.testing.assert_array_equal(a.view(np.uint8), b_.view(np.uint8))
+    ref = R.forward(x0.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                    training=True, axis=-1)
+    assert_close(results[0][0], ref.y, dtype)
