@@ -960,7 +960,7 @@ cdef inline void nhwc_tile(Job* j, const data_t* x, const data_t* g, int op, bin
                            void* cols, param_t* rm, param_t* rv, const param_t* w,
                            const param_t* b) noexcept nogil:
     """Channels [c0, c0 + CTASK) of nhwc_tiled."""
-    cdef Py_ssize_t C = j.C, q, r1, c
+    cdef Py_ssize_t C = j.C, q, r1
     cdef Py_ssize_t c1 = c0 + CTASK if c0 + CTASK < C else C
     for q in range(nq):
         r1 = (q + 1) * R if (q + 1) * R < j.N else j.N
@@ -968,12 +968,8 @@ cdef inline void nhwc_tile(Job* j, const data_t* x, const data_t* g, int op, bin
     nhwc_merge(part, nq, C, c0, c1, tot, tot + C)
     nhwc_coefs_range(j, x, train, fwd, True, tot, shift, rm, rv, w, b, cf,
                      cols if op != 1 else NULL, c0, c1)
-    if op == 1:                          # as fold_dx_cols, for the tile
-        for c in range(c0, c1):
-            if data_t is float:
-                fbn_xfold_f32(&cf[c], &cf[3 * C + c], cf[2 * C + c])
-            elif data_t is half_t:
-                fbn_xfold_f16(&cf[c], &cf[3 * C + c], cf[2 * C + c])
+    if op == 1:
+        fold_dx_range(x, cf, C, c0, c1)
     tile_ew(op, x, g, <data_t*>j.y, C, 0, j.N, c0, c1, cols, cf, j.cached)
 
 
@@ -1118,6 +1114,18 @@ cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssiz
         fbn_put_cols_s16(cf, <float*>cols, C, c0, c1)
 
 
+cdef inline void fold_dx_range(const data_t* x, double* cf, Py_ssize_t C, Py_ssize_t c0,
+                               Py_ssize_t c1) noexcept nogil:
+    """Channels [c0, c1) of cf's mean and k columns as fbn_xfold gives them for
+    the data type (see fold_dx_cols)."""
+    cdef Py_ssize_t c
+    for c in range(c0, c1):
+        if data_t is float:
+            fbn_xfold_f32(&cf[c], &cf[3 * C + c], cf[2 * C + c])
+        elif data_t is half_t:
+            fbn_xfold_f16(&cf[c], &cf[3 * C + c], cf[2 * C + c])
+
+
 cdef inline void fold_dx_cols(const data_t* x, Job* j, double* cf, double* dcols,
                               Py_ssize_t C) noexcept nogil:
     """Training dx columns (mean, a, b, k of cf) as fbn_tew op 1 wants them:
@@ -1127,11 +1135,7 @@ cdef inline void fold_dx_cols(const data_t* x, Job* j, double* cf, double* dcols
     float16 dx (fbn_cl_dx_line*), their padded copy dcols (stride C +
     FBN_COLPAD; float32 for float16 data)."""
     cdef Py_ssize_t L = C + FBN_COLPAD, i, k
-    for i in range(C):
-        if data_t is float:
-            fbn_xfold_f32(&cf[i], &cf[3 * C + i], cf[2 * C + i])
-        elif data_t is half_t:
-            fbn_xfold_f16(&cf[i], &cf[3 * C + i], cf[2 * C + i])
+    fold_dx_range(x, cf, C, 0, C)
     if j.stream or data_t is half_t:
         for k in range(4):
             for i in range(L):
