@@ -248,12 +248,6 @@ cdef inline double ld(const data_t* p, Py_ssize_t i) noexcept nogil:
         return <double>p[i]
 
 
-cdef inline double ldp(const param_t* p, Py_ssize_t i, double default) noexcept nogil:
-    if p == NULL:
-        return default
-    return <double>p[i]
-
-
 cdef inline void sums(const data_t* x, Py_ssize_t n, double shift, data_t fill,
                       double* s) noexcept nogil:
     if data_t is float:
