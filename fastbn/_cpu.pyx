@@ -111,6 +111,9 @@ cdef extern from "_simd.h" nogil:
     void fbn_sums_f16(const unsigned short* x, Py_ssize_t n, double shift, unsigned short fill, double* acc)
     void fbn_gsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, double mean, double a, double b, double k)
+    int fbn_evf_f32(const float* x, const float* g, float* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const double* shift, double* ps, double* pq, const float* cols)
+    int fbn_evf_f64(const double* x, const double* g, double* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const double* shift, double* ps, double* pq, const double* cols)
+    int fbn_evf_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const double* shift, double* ps, double* pq, const float* cols)
     void fbn_tsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
     void fbn_tew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols, const double* cf, int cached)
 
@@ -972,9 +975,10 @@ cdef void nhwc_eval_fused(Job* j, const data_t* x, const data_t* g, Py_ssize_t n
                           double* tot, const void* cols, const param_t* w) noexcept nogil:
     """Eval-mode backward with dweight / dbias: dx = a dy needs no sums, so
     each chunk of rows is reduced and its dx written while the chunk is in
-    cache, one pass over memory instead of two (see nchw_eval_fused).  The
-    chunks' partials are the two-pass ones: the same bits.  cols and cf hold
-    the coefficients."""
+    cache, one pass over memory instead of two (see nchw_eval_fused); when dx
+    is streamed and rows are whole lines, the sums and dx of a chunk share one
+    loop (fbn_evf).  The chunks' partials are the two-pass ones: the same bits.
+    cols and cf hold the coefficients."""
     cdef Py_ssize_t C = j.C, c, q
     cdef int nt = team(nq, j.N * C, j.n_threads)
     if nt == 1:
@@ -995,10 +999,27 @@ cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_s
     cdef Py_ssize_t C = j.C, r0 = q * R, r1 = (q + 1) * R
     if r1 > j.N:
         r1 = j.N
+    if j.stream and evf(x, g, <data_t*>j.y, C, r0, r1, shift, &part[2 * q * C],
+                        &part[(2 * q + 1) * C], cols):
+        fbn_sfence()
+        return
     tile_sums(x, g, C, r0, r1, 0, C, shift, &part[2 * q * C], &part[(2 * q + 1) * C])
     nhwc_ew_rows(j, x, g, 2, r0, r1, False, cols, cf, <const double*>NULL)
     if j.stream:
         fbn_sfence()
+
+
+cdef inline int evf(const data_t* x, const data_t* g, data_t* y, Py_ssize_t C, Py_ssize_t r0,
+                    Py_ssize_t r1, const double* shift, double* ps, double* pq,
+                    const void* cols) noexcept nogil:
+    """Rows [r0, r1) of the streamed eval-mode backward in one loop (fbn_evf):
+    1 where it applies, else 0 with nothing done."""
+    if data_t is float:
+        return fbn_evf_f32(x, g, y, C, r0, r1, shift, ps, pq, <const float*>cols)
+    elif data_t is double:
+        return fbn_evf_f64(x, g, y, C, r0, r1, shift, ps, pq, <const double*>cols)
+    else:
+        return fbn_evf_f16(x, g, y, C, r0, r1, shift, ps, pq, <const float*>cols)
 
 
 cdef void nhwc_coefs(Job* j, const data_t* x, bint train, bint fwd, bint summed,

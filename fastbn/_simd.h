@@ -32,6 +32,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
@@ -1522,5 +1523,203 @@ static inline void fbn_cl_nt2l_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
         c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;
     }
 }
+
+/* ---- channels-last eval-mode backward in one loop ---------------------------
+ * The eval-mode backward with dweight / dbias needs the gradient sums and
+ * dx = a g (the forward's writer on g with the eval-mode columns: hi = +0,
+ * bf = -0, so (g - hi) a + bf is a g exactly), and dx does not wait for the
+ * sums.  fbn_evf_<S> does both in one loop over a chunk's rows [r0, r1), dx
+ * streamed a whole 64-byte line at a time: each channel's sums in the order
+ * of fbn_tsums (the rows in K parts, row i of each part, then the rest one by
+ * one), so the same bits as the sums-then-dx chunk it replaces.
+ *
+ * Rows are whole lines (C sizeof(T) a multiple of 64), so every row of y
+ * starts e elements before a line boundary.  A step is the line at channel
+ * index c = e + m LW of row i of each part: a row's last line reaches e
+ * elements into the next row, whose channels [0, e) come next in every
+ * channel's order, so they are summed there (A[C + j] holds channel j).  Each
+ * part's first e elements (its head) go before the first step, and the last
+ * step of a part stops at its row's end (the tail): partial lines, summed
+ * under a blend and written by masked ordinary stores.  A step's streaming
+ * stores go out after the next step's loads: numpy places x, g and y at the
+ * same offset modulo 4 KiB, and a store ahead of loads that match its low 12
+ * address bits holds them up (4 KiB aliasing).  The scratch (sums, shifts)
+ * starts half a page from y's offset, within one page when it fits: at one
+ * placement (float64, 64 channels, the scratch across a page boundary 1 KiB
+ * before y's offset) the loop took 1.5x longer.
+ *
+ * C replica, (4096, 1024) float32, 1 thread, medians of 21: sums then dx per
+ * chunk 1.78-1.91 ms, one loop 2.06-2.19 with the stores in place and
+ * 1.37-1.45 with them one step late.  In the kernel (A/B, best of 5-7):
+ * float32 0.71-0.91 of the time (64-2048 channels, 1 and 2 threads), float64
+ * 0.68-0.99, float16 0.92-1.06 (its float64 sums are bound by their
+ * conversions, not by memory). */
+/* A step of fbn_evf for float32 (K parts' lines of 16 at offset o, channel
+ * index c): the gradient sums in 4-lane halves, as fbn_tsums4_f32 adds them
+ * (the faster conversions on Zen 4), and each part's dx, a g, into nv[k] from
+ * the same loads. */
+#if FBN_TSUMS4
+static inline void fbn_evf_step4(const void *xv, const void *gv, ptrdiff_t o, ptrdiff_t hc,
+                                 ptrdiff_t c, const double *sh, double *A, double *B,
+                                 const void *acv, void *nvv, const int K) {
+    const float *x = (const float *)xv + o, *g = (const float *)gv + o;
+    const float *ac = (const float *)acv;
+    __m512 *nv = (__m512 *)nvv;
+    __m256d a[4], b[4], s[4];
+    _Pragma("GCC unroll 4")
+    for (int q = 0; q < 4; q++) {
+        a[q] = _mm256_loadu_pd(A + c + 4 * q); b[q] = _mm256_loadu_pd(B + c + 4 * q);
+        s[q] = _mm256_loadu_pd(sh + c + 4 * q);
+    }
+    const __m512 av = _mm512_loadu_ps(ac);
+    _Pragma("GCC unroll 4")
+    for (int k = 0; k < K; k++) {
+        nv[k] = _mm512_mul_ps(_mm512_loadu_ps(g + k * hc), av);
+        _Pragma("GCC unroll 4")
+        for (int q = 0; q < 4; q++) {
+            const __m256d gd = _mm256_cvtps_pd(_mm_loadu_ps(g + k * hc + 4 * q));
+            a[q] = _mm256_add_pd(a[q], gd);
+            b[q] = _mm256_fmadd_pd(gd, _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + k * hc + 4 * q)), s[q]), b[q]);
+        }
+    }
+    _Pragma("GCC unroll 4")
+    for (int q = 0; q < 4; q++) {
+        _mm256_storeu_pd(A + c + 4 * q, a[q]); _mm256_storeu_pd(B + c + 4 * q, b[q]);
+    }
+}
+#else
+#define fbn_evf_step4(...) ((void)0)  /* never called: FBN_TSUMS4 is 0 */
+#endif
+
+#define FBN_EVFUSED(T, S, M, V, W)                                                    \
+static inline void fbn_evf_partial_##S(const T *x, const T *g, T *y, ptrdiff_t o,    \
+                                       ptrdiff_t n, ptrdiff_t c, ptrdiff_t C,        \
+                                       const double *sh, double *A, double *B,       \
+                                       const M *ac) {                                \
+    for (ptrdiff_t q = 0; q < n; q += 8) {                                            \
+        const ptrdiff_t nn = n - q < 8 ? n - q : 8;                                   \
+        const fbn_d8 gd = fbn_ldn8_##S(g + o + q, nn, 0);                             \
+        const fbn_d8 d = fbn_ldn8_##S(x + o + q, nn, 0) - fbn_ld_f64(sh + c + q);      \
+        const fbn_d8 a = fbn_ld_f64(A + c + q), b = fbn_ld_f64(B + c + q);            \
+        fbn_st_f64(A + c + q, fbn_blend_f64(nn, a + gd, a));                          \
+        fbn_st_f64(B + c + q, fbn_blend_f64(nn, fbn_fma_f64(gd, d, b), b));           \
+    }                                                                                 \
+    for (ptrdiff_t q = 0; q < n; q += W) {                                            \
+        const ptrdiff_t nn = n - q < W ? n - q : W, k = (c + q) % C;                  \
+        V av;                                                                         \
+        memcpy(&av, ac + k, sizeof(V));                                               \
+        fbn_stn_##S(y + o + q, nn, fbn_ldn_##S(g + o + q, nn, 0) * av);               \
+    }                                                                                 \
+}                                                                                     \
+static inline void fbn_evf_dxv_##S(const T *g, V v[][64 / sizeof(T) / W], ptrdiff_t o, \
+                                   ptrdiff_t c, ptrdiff_t C, ptrdiff_t hc, const M *ac, \
+                                   const int K) {                                     \
+    enum { LW = 64 / sizeof(T), NV = LW / W };                                        \
+    V av[NV];                                                                         \
+    _Pragma("GCC unroll 4")                                                           \
+    for (int u = 0; u < NV; u++) {                                                    \
+        ptrdiff_t k = c + u * W; if (k >= C) k -= C;                                  \
+        memcpy(&av[u], ac + k, sizeof(V));                                            \
+    }                                                                                 \
+    _Pragma("GCC unroll 4")                                                           \
+    for (int k = 0; k < K; k++) {                                                     \
+        _Pragma("GCC unroll 4")                                                       \
+        for (int u = 0; u < NV; u++) v[k][u] = fbn_ld_##S(g + o + k * hc + u * W) * av[u]; \
+    }                                                                                 \
+}                                                                                     \
+/* Rows base + k h + i (k < K parts, i < h), part by part in each step.  A       \
+ * step's dx lines go out after the next step's loads. */                        \
+static inline void fbn_evf_rows_##S(const T *x, const T *g, T *y, ptrdiff_t C,       \
+                                    ptrdiff_t base, ptrdiff_t h,                     \
+                                    ptrdiff_t e, const double *sh, double *A,        \
+                                    double *B, const M *ac, const int K) {           \
+    enum { LW = 64 / sizeof(T), NG = LW / 8, NV = LW / W };                           \
+    const ptrdiff_t nl = C / LW, hc = h * C;                                          \
+    V pend[4][NV], nv[4][NV];                                                         \
+    T *pp = NULL;                                     /* where pend goes */           \
+    if (h == 0) return;                                                               \
+    for (int k = 0; k < K && e > 0; k++)                                              \
+        fbn_evf_partial_##S(x, g, y, (base + k * h) * C, e, C, C, sh, A, B, ac);      \
+    for (ptrdiff_t i = 0; i < h; i++) {                                               \
+        for (ptrdiff_t m = 0; m < nl; m++) {                                          \
+            const ptrdiff_t c = e + m * LW, o = (base + i) * C + c;                   \
+            if (e > 0 && i == h - 1 && m == nl - 1) {          /* the tails */        \
+                for (int k = 0; k < K; k++)                                           \
+                    fbn_evf_partial_##S(x, g, y, o + k * hc, LW - e, c, C, sh, A, B, ac); \
+                break;                                                                \
+            }                                                                         \
+            if (FBN_TSUMS4 && sizeof(T) == 4) {     /* as fbn_tsums4_f32 */           \
+                fbn_evf_step4(x, g, o, hc, c, sh, A, B, ac + c, (void *)nv, K);       \
+            } else {                                                                  \
+                fbn_d8 a[NG], b[NG], s[NG];                                           \
+                _Pragma("GCC unroll 4")                                               \
+                for (int q = 0; q < NG; q++) {                                        \
+                    a[q] = fbn_ld_f64(A + c + 8 * q); b[q] = fbn_ld_f64(B + c + 8 * q); \
+                    s[q] = fbn_ld_f64(sh + c + 8 * q);                                \
+                }                                                                     \
+                _Pragma("GCC unroll 4")                                               \
+                for (int k = 0; k < K; k++) {                                         \
+                    _Pragma("GCC unroll 4")                                           \
+                    for (int q = 0; q < NG; q++) {                                    \
+                        const fbn_d8 gd = fbn_ld8_##S(g + o + k * hc + 8 * q);        \
+                        a[q] += gd;                                                   \
+                        b[q] = fbn_fma_f64(gd, fbn_ld8_##S(x + o + k * hc + 8 * q) - s[q], b[q]); \
+                    }                                                                 \
+                }                                                                     \
+                _Pragma("GCC unroll 4")                                               \
+                for (int q = 0; q < NG; q++) {                                        \
+                    fbn_st_f64(A + c + 8 * q, a[q]); fbn_st_f64(B + c + 8 * q, b[q]); \
+                }                                                                     \
+            }                                                                         \
+            if (!(FBN_TSUMS4 && sizeof(T) == 4)) fbn_evf_dxv_##S(g, nv, o, c, C, hc, ac, K); \
+            if (pp != NULL)                                                           \
+                for (int k = 0; k < K; k++) fbn_evf_line_##S(pp + k * hc, pend[k]);   \
+            memcpy(pend, nv, sizeof(pend));                                           \
+            pp = y + o;                                                               \
+        }                                                                             \
+    }                                                                                 \
+    if (pp != NULL)                                                                   \
+        for (int k = 0; k < K; k++) fbn_evf_line_##S(pp + k * hc, pend[k]);           \
+}                                                                                     \
+/* The chunk [r0, r1): its sums into ps / pq (as fbn_tsums with shift, for g), its \
+ * dx into y.  Returns 0, doing nothing, where it does not apply (rows not whole \
+ * lines, y not aligned to its elements, no scratch). */                          \
+static inline int fbn_evf_##S(const T *x, const T *g, T *y, ptrdiff_t C,              \
+                              ptrdiff_t r0, ptrdiff_t r1, const double *shift,        \
+                              double *ps, double *pq, const M *cols) {                \
+    enum { LW = 64 / sizeof(T) };                                                     \
+    const ptrdiff_t K = fbn_ways(C * (ptrdiff_t)sizeof(T), 1), h = (r1 - r0) / K;     \
+    ptrdiff_t e, c;                                                                   \
+    const M *ac = cols + C + FBN_COLPAD;                       /* the a column */     \
+    double *A, *sh, *B;                                                               \
+    if ((C * sizeof(T)) % 64 != 0 || (uintptr_t)y % sizeof(T) != 0)                   \
+        return 0;                                                                     \
+    e = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T);          \
+    const size_t nb = 3 * (C + 2 * LW) * sizeof(double);                              \
+    size_t off = ((uintptr_t)y + 2048) & 4032;                                        \
+    void *mem = malloc(nb + 8192);                                                    \
+    if (off + nb > 4096 && nb <= 4096) off = 0;                                       \
+    A = (double *)((((uintptr_t)mem + 4095) & ~(uintptr_t)4095) + off);               \
+    if (mem == NULL) return 0;                                                        \
+    B = A + C + 2 * LW; sh = B + C + 2 * LW;                                          \
+    memset(A, 0, 2 * (C + 2 * LW) * sizeof(double));                                  \
+    memcpy(sh, shift, C * sizeof(double));                                            \
+    for (c = C; c < C + 2 * LW; c++) sh[c] = shift[(c - C) % C];                      \
+    if (K == 4) fbn_evf_rows_##S(x, g, y, C, r0, h, e, sh, A, B, ac, 4);             \
+    else fbn_evf_rows_##S(x, g, y, C, r0, h, e, sh, A, B, ac, 2);                     \
+    fbn_evf_rows_##S(x, g, y, C, r0 + K * h, r1 - r0 - K * h, e, sh, A, B, ac, 1);    \
+    for (c = 0; c < C; c++) {                                                         \
+        ps[c] = c < e ? A[C + c] : A[c]; pq[c] = c < e ? B[C + c] : B[c];             \
+    }                                                                                 \
+    free(mem);                                                                        \
+    return 1;                                                                         \
+}
+
+static inline void fbn_evf_line_f32(float *p, const fbn_s16 *v) { fbn_sst_f32(p, v[0]); }
+static inline void fbn_evf_line_f64(double *p, const fbn_d8 *v) { fbn_sst_f64(p, v[0]); }
+static inline void fbn_evf_line_f16(uint16_t *p, const fbn_s16 *v) { fbn_sst2_f16(p, v[0], v[1]); }
+FBN_EVFUSED(float, f32, float, fbn_s16, 16)
+FBN_EVFUSED(uint16_t, f16, float, fbn_s16, 16)
+FBN_EVFUSED(double, f64, double, fbn_d8, 8)
 
 #endif /* FASTBN_SIMD_H */

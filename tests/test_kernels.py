@@ -215,6 +215,8 @@ def stream_threshold():
                                 # (fbn_cl_nt4) and the rows left over
     ((3, 100, 250), -1),        # 1000-byte float32 rows: four rows a step below the
                                 # threshold (in cache), one at a time above
+    ((8200, 64), 1),            # eval-mode backward in one loop (fbn_evf), nine row
+                                # chunks shared by 2 threads, lines across chunk ends
 ])
 @pytest.mark.parametrize("misalign", [0, 1, 5], ids=lambda m: f"shift{m}")
 def test_streaming_and_ordinary_stores_give_the_same_bits(rng, stream_threshold, dtype,
