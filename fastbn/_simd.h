@@ -1698,9 +1698,9 @@ static inline int fbn_evf_##S(const T *x, const T *g, T *y, ptrdiff_t C,        
     const size_t nb = 3 * (C + 2 * LW) * sizeof(double);                              \
     size_t off = ((uintptr_t)y + 2048) & 4032;                                        \
     void *mem = malloc(nb + 8192);                                                    \
+    if (mem == NULL) return 0;                                                        \
     if (off + nb > 4096 && nb <= 4096) off = 0;                                       \
     A = (double *)((((uintptr_t)mem + 4095) & ~(uintptr_t)4095) + off);               \
-    if (mem == NULL) return 0;                                                        \
     B = A + C + 2 * LW; sh = B + C + 2 * LW;                                          \
     memset(A, 0, 2 * (C + 2 * LW) * sizeof(double));                                  \
     memcpy(sh, shift, C * sizeof(double));                                            \
