@@ -95,6 +95,9 @@ cdef extern from "_simd.h" nogil:
     int fbn_cl_ntv_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     int fbn_cl_ntv_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* cols)
     int fbn_cl_ntv_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
+    Py_ssize_t fbn_span_ag_f32(const float* g, float* y, Py_ssize_t i, Py_ssize_t n, Py_ssize_t r, Py_ssize_t nr, const double* cf)
+    Py_ssize_t fbn_span_ag_f64(const double* g, double* y, Py_ssize_t i, Py_ssize_t n, Py_ssize_t r, Py_ssize_t nr, const double* cf)
+    Py_ssize_t fbn_span_ag_f16(const unsigned short* g, unsigned short* y, Py_ssize_t i, Py_ssize_t n, Py_ssize_t r, Py_ssize_t nr, const double* cf)
     void fbn_span_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_nt_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_nt_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
@@ -293,6 +296,18 @@ cdef inline void span_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t nr
         fbn_span_nt_f64(x, y, n, nr, c, C, cf)
     else:
         fbn_span_nt_f16(x, y, n, nr, c, C, cf)
+
+
+cdef inline Py_ssize_t span_ag(const data_t* g, data_t* y, Py_ssize_t i, Py_ssize_t n,
+                               Py_ssize_t r, Py_ssize_t nr, const double* cf) noexcept nogil:
+    """Eval-mode dx of a span's runs up to the end of run r, after its sums
+    (fbn_span_ag; n >= 32): returns the first element not yet written."""
+    if data_t is float:
+        return fbn_span_ag_f32(g, y, i, n, r, nr, cf)
+    elif data_t is double:
+        return fbn_span_ag_f64(g, y, i, n, r, nr, cf)
+    else:
+        return fbn_span_ag_f16(g, y, i, n, r, nr, cf)
 
 
 cdef inline void span_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssize_t n,
@@ -734,8 +749,20 @@ cdef inline void nchw_fused_share(Job* j, const data_t* x, Py_ssize_t c0, Py_ssi
                                   Py_ssize_t nq, double* part,
                                   const double* cf) noexcept nogil:
     """Channels [c0, c1) of nchw_eval_fused, one sample at a time."""
-    cdef Py_ssize_t nn, c, b0, b1
+    cdef Py_ssize_t nn, c, b0, b1, i, off
     cdef Py_ssize_t step = c1 - c0                 # streamed: the whole span
+    if j.stream and j.S >= SPAN_MIN:
+        # each run's dx right after its sums, streamed (fbn_span_ag)
+        for nn in range(j.N):
+            off = (nn * j.C + c0) * j.S
+            i = 0
+            for c in range(c0, c1):
+                nchw_reduce_run(j, x, nn, c, 0, j.S, (nn * j.S) // CHUNK, True, j.mean[c],
+                                &part[16 * c * nq])
+                i = span_ag(<const data_t*>j.dy + off, <data_t*>j.y + off, i, j.S, c - c0,
+                            c1 - c0, cf + 4 * c0)
+        fbn_sfence()
+        return
     if not j.stream:
         step = cdiv(FUSED_BYTES, j.S * <Py_ssize_t>sizeof(data_t))
     for nn in range(j.N):

@@ -960,6 +960,34 @@ static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,
     }                                                                             \
 }                                                                                 \
                                                                                   \
+/* Channels-first eval-mode dx = a g over one span of nr runs of n >= W           \
+ * elements (run r: coefficients cf[4 r]), written run by run while the span's    \
+ * gradient sums reach each run (nchw_fused_share): called after run r is         \
+ * summed, it writes the aligned vectors of y that end by run r's end with        \
+ * streaming stores (a vector straddling runs r - 1 and r takes its lanes' a      \
+ * from both), the head before y's first line (r = 0) and the tail of the         \
+ * span (r = nr - 1) with ordinary stores.  i is the first element not yet        \
+ * written; returns the next.  The operations of fbn_ew op 2: the same bits. */   \
+static inline ptrdiff_t fbn_span_ag_##S(const T *g, T *y, ptrdiff_t i,            \
+                                        ptrdiff_t n, ptrdiff_t r, ptrdiff_t nr,   \
+                                        const double *cf) {                       \
+    const ptrdiff_t end = (r + 1) * n;                                            \
+    const V A = SPLAT((M)cf[4 * r + 1]);                                          \
+    if (r == 0) {                                                                 \
+        i = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T);  \
+        if (i > 0) fbn_ew_##S(2, NULL, g, y, i, 0.0, cf[1], 0.0, 0.0);            \
+    } else if (i < r * n) {                   /* straddles runs r - 1 and r */    \
+        fbn_sst_##S(y + i, fbn_blend_##VS(r * n - i, SPLAT((M)cf[4 * r - 3]), A)  \
+                           * fbn_ld_##S(g + i));                                  \
+        i += W;                                                                   \
+    }                                                                             \
+    for (; i + W <= end; i += W)                                                  \
+        fbn_sst_##S(y + i, A * fbn_ld_##S(g + i));                                \
+    if (r == nr - 1 && i < end)                                                   \
+        fbn_ew_##S(2, NULL, g + i, y + i, end - i, 0.0, cf[4 * r + 1], 0.0, 0.0); \
+    return i;                                                                     \
+}                                                                                 \
+                                                                                  \
 /* ---- channels-last tiles: rows [r0, r1) x channels [c0, c1) of (M, C) -------  \
  * c0 is a multiple of W (16); c1 a multiple of W or C.  Lanes past C are        \
  * computed on padding and never stored.  A channel's sums run down its column  \
