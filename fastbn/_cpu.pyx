@@ -114,9 +114,9 @@ cdef extern from "_simd.h" nogil:
     void fbn_sums_f16(const unsigned short* x, Py_ssize_t n, double shift, unsigned short fill, double* acc)
     void fbn_gsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, double mean, double a, double b, double k)
-    int fbn_evf_f32(const float* x, const float* g, float* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const double* shift, double* ps, double* pq, const float* cols)
-    int fbn_evf_f64(const double* x, const double* g, double* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const double* shift, double* ps, double* pq, const double* cols)
-    int fbn_evf_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const double* shift, double* ps, double* pq, const float* cols)
+    int fbn_evf_f32(const float* x, const float* g, float* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const double* shift, double* ps, double* pq, const float* cols, int nt)
+    int fbn_evf_f64(const double* x, const double* g, double* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const double* shift, double* ps, double* pq, const double* cols, int nt)
+    int fbn_evf_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const double* shift, double* ps, double* pq, const float* cols, int nt)
     void fbn_tsums_f16(const unsigned short* x, const unsigned short* g, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const double* shift, double* ps, double* pq)
     void fbn_tew_f16(int op, const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const float* cols, const double* cf, int cached)
 
@@ -1022,13 +1022,21 @@ cdef void nhwc_eval_fused(Job* j, const data_t* x, const data_t* g, Py_ssize_t n
 cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_ssize_t q,
                                   Py_ssize_t R, const double* shift, double* part,
                                   const void* cols, const double* cf) noexcept nogil:
-    """Rows [q R, (q + 1) R) of nhwc_eval_fused: their gradient sums, then dx."""
+    """Rows [q R, (q + 1) R) of nhwc_eval_fused: their gradient sums and dx in
+    one loop (fbn_evf) where it applies, streamed or, when x, dy and dx
+    together outgrow the cache (3/4 of FASTBN_STREAM_BYTES each), with ordinary
+    stores (A/B, float32, 5.3-8 MB: 0.72-0.92 of the two phases' time at 1
+    thread, 0.79-0.95 at 2, but for 64 channels, 1.01-1.04, whose two phases
+    keep their sums in registers); else the sums, then dx.  In cache the two
+    phases were faster (4 MB: 1.06-1.18x slower in one loop)."""
     cdef Py_ssize_t C = j.C, r0 = q * R, r1 = (q + 1) * R
     if r1 > j.N:
         r1 = j.N
-    if j.stream and evf(x, g, <data_t*>j.y, C, r0, r1, shift, &part[2 * q * C],
-                        &part[(2 * q + 1) * C], cols):
-        fbn_sfence()
+    if ((j.stream or 3 * j.N * C * <Py_ssize_t>sizeof(data_t) >= stream_bytes)
+            and evf(x, g, <data_t*>j.y, C, r0, r1, shift, &part[2 * q * C],
+                    &part[(2 * q + 1) * C], cols, j.stream)):
+        if j.stream:
+            fbn_sfence()
         return
     tile_sums(x, g, C, r0, r1, 0, C, shift, &part[2 * q * C], &part[(2 * q + 1) * C])
     nhwc_ew_rows(j, x, g, 2, r0, r1, False, cols, cf, <const double*>NULL)
@@ -1038,15 +1046,15 @@ cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_s
 
 cdef inline int evf(const data_t* x, const data_t* g, data_t* y, Py_ssize_t C, Py_ssize_t r0,
                     Py_ssize_t r1, const double* shift, double* ps, double* pq,
-                    const void* cols) noexcept nogil:
+                    const void* cols, bint nt) noexcept nogil:
     """Rows [r0, r1) of the streamed eval-mode backward in one loop (fbn_evf):
     1 where it applies, else 0 with nothing done."""
     if data_t is float:
-        return fbn_evf_f32(x, g, y, C, r0, r1, shift, ps, pq, <const float*>cols)
+        return fbn_evf_f32(x, g, y, C, r0, r1, shift, ps, pq, <const float*>cols, nt)
     elif data_t is double:
-        return fbn_evf_f64(x, g, y, C, r0, r1, shift, ps, pq, <const double*>cols)
+        return fbn_evf_f64(x, g, y, C, r0, r1, shift, ps, pq, <const double*>cols, nt)
     else:
-        return fbn_evf_f16(x, g, y, C, r0, r1, shift, ps, pq, <const float*>cols)
+        return fbn_evf_f16(x, g, y, C, r0, r1, shift, ps, pq, <const float*>cols, nt)
 
 
 cdef void nhwc_coefs(Job* j, const data_t* x, bint train, bint fwd, bint summed,
@@ -1316,10 +1324,13 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     # one from memory (12 MiB y, one thread: inference 0.85 -> 0.51 ms float32
     # and 1.83 -> 0.89 ms float16 with 2048 channels, training 10-30 % faster).
     # Channels-first gained less at one thread and lost at two (inference
-    # 0.42 -> 0.49 ms), float16 up to 25 %; backward was mixed in both layouts.
+    # 0.42 -> 0.49 ms), float16 up to 25 %; the training backward was mixed in
+    # both layouts.  The channels-last eval-mode backward streams from half too
+    # (x, dy and dx outgrow the cache; A/B, float32 eval-mode backward with
+    # dweight, 8-12.8 MB: 0.76-0.86 of the time at 1 thread, 0.84-1.00 at 2).
     nb = cnp.PyArray_NBYTES(y)
     j.stream = nb >= (stream_bytes // 2 if op == FWD_TRAIN_NHWC or op == FWD_INFER_NHWC
-                      else stream_bytes)
+                      or (op == BWD_NHWC and not training) else stream_bytes)
     # Calls that touch less than 3/4 of FASTBN_STREAM_BYTES (x, y and dy together) are taken
     # to run in cache (the caller just wrote x): channels-last element-wise rows of 512 B -
     # 4 KiB then go four at a time (see fbn_rstep).  Measured on 1 KiB rows:

@@ -1568,8 +1568,10 @@ static inline void fbn_cl_nt2l_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
  * channel's order, so they are summed there (A[C + j] holds channel j).  Each
  * part's first e elements (its head) go before the first step, and the last
  * step of a part stops at its row's end (the tail): partial lines, summed
- * under a blend and written by masked ordinary stores.  A step's streaming
- * stores go out after the next step's loads: numpy places x, g and y at the
+ * under a blend and written by masked ordinary stores.  The whole lines are
+ * streaming stores (nt) or, for a dx below the streaming threshold whose x,
+ * dy and dx still outgrow the cache, ordinary ones.  A step's stores go out
+ * after the next step's loads: numpy places x, g and y at the
  * same offset modulo 4 KiB, and a store ahead of loads that match its low 12
  * address bits holds them up (4 KiB aliasing).  The scratch (sums, shifts)
  * starts half a page from y's offset, within one page when it fits: at one
@@ -1660,7 +1662,8 @@ static inline void fbn_evf_dxv_##S(const T *g, V v[][64 / sizeof(T) / W], ptrdif
 static inline void fbn_evf_rows_##S(const T *x, const T *g, T *y, ptrdiff_t C,       \
                                     ptrdiff_t base, ptrdiff_t h,                     \
                                     ptrdiff_t e, const double *sh, double *A,        \
-                                    double *B, const M *ac, const int K) {           \
+                                    double *B, const M *ac, const int K,             \
+                                    const int nt) {                                  \
     enum { LW = 64 / sizeof(T), NG = LW / 8, NV = LW / W };                           \
     const ptrdiff_t nl = C / LW, hc = h * C;                                          \
     V pend[4][NV], nv[4][NV];                                                         \
@@ -1701,20 +1704,20 @@ static inline void fbn_evf_rows_##S(const T *x, const T *g, T *y, ptrdiff_t C,  
             }                                                                         \
             if (!(FBN_TSUMS4 && sizeof(T) == 4)) fbn_evf_dxv_##S(g, nv, o, c, C, hc, ac, K); \
             if (pp != NULL)                                                           \
-                for (int k = 0; k < K; k++) fbn_evf_line_##S(pp + k * hc, pend[k]);   \
+                for (int k = 0; k < K; k++) fbn_evf_line_##S(pp + k * hc, pend[k], nt); \
             memcpy(pend, nv, sizeof(pend));                                           \
             pp = y + o;                                                               \
         }                                                                             \
     }                                                                                 \
     if (pp != NULL)                                                                   \
-        for (int k = 0; k < K; k++) fbn_evf_line_##S(pp + k * hc, pend[k]);           \
+        for (int k = 0; k < K; k++) fbn_evf_line_##S(pp + k * hc, pend[k], nt);       \
 }                                                                                     \
 /* The chunk [r0, r1): its sums into ps / pq (as fbn_tsums with shift, for g), its \
  * dx into y.  Returns 0, doing nothing, where it does not apply (rows not whole \
  * lines, y not aligned to its elements, no scratch). */                          \
 static inline int fbn_evf_##S(const T *x, const T *g, T *y, ptrdiff_t C,              \
                               ptrdiff_t r0, ptrdiff_t r1, const double *shift,        \
-                              double *ps, double *pq, const M *cols) {                \
+                              double *ps, double *pq, const M *cols, int nt) {        \
     enum { LW = 64 / sizeof(T) };                                                     \
     const ptrdiff_t K = fbn_ways(C * (ptrdiff_t)sizeof(T), 1), h = (r1 - r0) / K;     \
     ptrdiff_t e, c;                                                                   \
@@ -1733,9 +1736,9 @@ static inline int fbn_evf_##S(const T *x, const T *g, T *y, ptrdiff_t C,        
     memset(A, 0, 2 * (C + 2 * LW) * sizeof(double));                                  \
     memcpy(sh, shift, C * sizeof(double));                                            \
     for (c = C; c < C + 2 * LW; c++) sh[c] = shift[(c - C) % C];                      \
-    if (K == 4) fbn_evf_rows_##S(x, g, y, C, r0, h, e, sh, A, B, ac, 4);             \
-    else fbn_evf_rows_##S(x, g, y, C, r0, h, e, sh, A, B, ac, 2);                     \
-    fbn_evf_rows_##S(x, g, y, C, r0 + K * h, r1 - r0 - K * h, e, sh, A, B, ac, 1);    \
+    if (K == 4) fbn_evf_rows_##S(x, g, y, C, r0, h, e, sh, A, B, ac, 4, nt);         \
+    else fbn_evf_rows_##S(x, g, y, C, r0, h, e, sh, A, B, ac, 2, nt);                 \
+    fbn_evf_rows_##S(x, g, y, C, r0 + K * h, r1 - r0 - K * h, e, sh, A, B, ac, 1, nt); \
     for (c = 0; c < C; c++) {                                                         \
         ps[c] = c < e ? A[C + c] : A[c]; pq[c] = c < e ? B[C + c] : B[c];             \
     }                                                                                 \
@@ -1743,9 +1746,16 @@ static inline int fbn_evf_##S(const T *x, const T *g, T *y, ptrdiff_t C,        
     return 1;                                                                         \
 }
 
-static inline void fbn_evf_line_f32(float *p, const fbn_s16 *v) { fbn_sst_f32(p, v[0]); }
-static inline void fbn_evf_line_f64(double *p, const fbn_d8 *v) { fbn_sst_f64(p, v[0]); }
-static inline void fbn_evf_line_f16(uint16_t *p, const fbn_s16 *v) { fbn_sst2_f16(p, v[0], v[1]); }
+/* One 64-byte line of dx, streamed (nt) or not. */
+static inline void fbn_evf_line_f32(float *p, const fbn_s16 *v, int nt) {
+    if (nt) fbn_sst_f32(p, v[0]); else fbn_st_f32(p, v[0]);
+}
+static inline void fbn_evf_line_f64(double *p, const fbn_d8 *v, int nt) {
+    if (nt) fbn_sst_f64(p, v[0]); else fbn_st_f64(p, v[0]);
+}
+static inline void fbn_evf_line_f16(uint16_t *p, const fbn_s16 *v, int nt) {
+    if (nt) { fbn_sst2_f16(p, v[0], v[1]); } else { fbn_st_f16(p, v[0]); fbn_st_f16(p + 16, v[1]); }
+}
 FBN_EVFUSED(float, f32, float, fbn_s16, 16)
 FBN_EVFUSED(uint16_t, f16, float, fbn_s16, 16)
 FBN_EVFUSED(double, f64, double, fbn_d8, 8)
