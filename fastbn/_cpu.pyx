@@ -184,8 +184,10 @@ DEF SPAN_MIN = 32
 # The eval-mode backward with dweight / dbias (nchw_eval_fused) reduces a
 # thread's runs of a sample and writes their dx in pieces of about this many
 # bytes when dx is not streamed (in cache): 1-4 KiB pieces took 0.66-0.76 of
-# the time of whole spans (1 thread, 0.5-6.4 MB).  Streamed, pieces were
-# slower (1 KiB 1.10-1.38x, 8 KiB 1.03-1.21x): each sample's span goes whole.
+# the time of whole spans (1 thread, 0.5-6.4 MB).  Streamed, such pieces were
+# slower (1 KiB 1.10-1.38x, 8 KiB 1.03-1.21x: each began and ended with a
+# partial line of ordinary stores); there each run's dx follows its sums
+# through one span writer (fbn_span_ag), whole lines only.
 DEF FUSED_BYTES = 1024
 # Channels-last calls with at least this many channels share the per-channel
 # coefficients (statistics, running update, columns: a few ns a channel)
@@ -728,7 +730,9 @@ cdef void nchw_eval_fused(Job* j, const data_t* x, int nt, Py_ssize_t nq, double
     """Eval-mode backward with dweight / dbias: dx = a dy needs no sums, so
     each of the nt threads takes its channels sample by sample, reducing a
     sample's runs and writing their dx while they are in cache: one pass over
-    memory instead of two.  Each channel's runs are reduced in sample order,
+    memory instead of two.  Streamed, each run's dx goes right after its sums
+    (A/B against the sample's whole span after all its sums: 0.65-0.95 of the
+    time, float32).  Each channel's runs are reduced in sample order,
     as in the two passes: the same bits.  cf holds the coefficients."""
     cdef Py_ssize_t C = j.C, c
     cdef int tid
