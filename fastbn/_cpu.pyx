@@ -1028,7 +1028,7 @@ cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_s
                                   const void* cols, const double* cf) noexcept nogil:
     """Rows [q R, (q + 1) R) of nhwc_eval_fused: their gradient sums and dx in
     one loop (fbn_evf) where it applies, streamed or, when x, dy and dx
-    together outgrow the cache (3/4 of FASTBN_STREAM_BYTES each), with ordinary
+    together reach FASTBN_STREAM_BYTES (past the cache), with ordinary
     stores (A/B, float32, 5.3-8 MB: 0.72-0.92 of the two phases' time at 1
     thread, 0.79-0.95 at 2, but for 64 channels, 1.01-1.04, whose two phases
     keep their sums in registers); else the sums, then dx.  In cache the two
@@ -1051,8 +1051,8 @@ cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_s
 cdef inline int evf(const data_t* x, const data_t* g, data_t* y, Py_ssize_t C, Py_ssize_t r0,
                     Py_ssize_t r1, const double* shift, double* ps, double* pq,
                     const void* cols, bint nt) noexcept nogil:
-    """Rows [r0, r1) of the streamed eval-mode backward in one loop (fbn_evf):
-    1 where it applies, else 0 with nothing done."""
+    """Rows [r0, r1) of the eval-mode backward in one loop (fbn_evf), dx
+    streamed (nt) or not: 1 where it applies, else 0 with nothing done."""
     if data_t is float:
         return fbn_evf_f32(x, g, y, C, r0, r1, shift, ps, pq, <const float*>cols, nt)
     elif data_t is double:
