@@ -56,7 +56,7 @@ from fastbn import _cpu, _reference
 OPS = ("forward-train", "forward-infer", "backward", "backward-eval")
 LAYOUTS = ("nchw", "nhwc")
 DEFAULT_SHAPES = ((16, 16, 8, 8), (32, 64, 56, 56), (256, 256, 14, 14), (64, 2048, 7, 7),
-                  (128, 64, 28, 28), (4096, 1024), (64, 2048))
+                  (128, 64, 28, 28), (32, 256, 14, 14), (4096, 1024), (64, 2048))
 QUICK_SHAPES = ((16, 16, 8, 8), (8, 32, 12, 12))
 EPS = 1e-5
 MOMENTUM = 0.1

@@ -19,10 +19,13 @@ LAYOUTS = ["nchw", "nhwc"]
 # A tiny tensor (fixed per-call cost) and three beyond the last-level cache share
 # (bandwidth): 256 channels, 64 channels (channels-last coefficients and sums held in
 # registers) and 2048 channels (channels-last rows of 8 KiB: four quarter-blocks in the
-# forward, statistics in 8 row parts).  And a short, wide (N, C) as BatchNorm1d sees
-# it: per-channel work, one row chunk, channel tiles at two threads (nhwc_tiled); both
-# layouts are the same memory there.
-SHAPES = ["16x16x8x8", "64x256x28x28", "128x64x28x28", "64x2048x7x7", "16x16384"]
+# forward, statistics in 8 row parts).  One of 6.4 MB (float32) that fits the cache
+# share but not beside its output and dy: the sizes where the kernels switch between
+# their in-cache and their streaming paths.  And a short, wide (N, C) as BatchNorm1d
+# sees it: per-channel work, one row chunk, channel tiles at two threads (nhwc_tiled);
+# both layouts are the same memory there.
+SHAPES = ["16x16x8x8", "64x256x28x28", "128x64x28x28", "64x2048x7x7", "32x256x14x14",
+          "16x16384"]
 DTYPES = ["float32", "float16"]
 THREADS = [1, 2]
 BACKENDS = ["cpu", "gpu"]
