@@ -1335,19 +1335,11 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     nb = cnp.PyArray_NBYTES(y)
     j.stream = nb >= (stream_bytes // 2 if op == FWD_TRAIN_NHWC or op == FWD_INFER_NHWC
                       or (op == BWD_NHWC and not training) else stream_bytes)
-    # The channels-last element-wise pass takes rows of 512 B - 4 KiB four at a time
-    # (fbn_rstep) when what it reads is taken to be in cache: less than 3/4 of
-    # FASTBN_STREAM_BYTES.  For the training forward and backward that is what their
-    # first pass (statistics, gradient sums) has just read, x and dy; for the others,
-    # x, y and dy, which the caller just wrote.  Measured on 1 KiB rows, x, y and dy
-    # counted: 25-36 % faster at 3-10 MB, 25-47 % slower at 13-19 MB.  Counting only
-    # x and dy for the training ops (A/B, float32 and float64, rows of 512 B - 2 KiB,
-    # one and two threads): training forward with x of 3-8 MB 0.71-0.96 of the time,
-    # backward with x of 2.5-5 MB 0.78-0.95; x and dy of 12.8 MB were 0.85-1.15.
-    warm = (nb * (1 if dy is None else 2)
-            if op == FWD_TRAIN_NHWC or (op == BWD_NHWC and training)
-            else nb * (2 if dy is None else 3))
-    j.cached = warm < stream_bytes - stream_bytes // 4
+    # Calls that touch less than 3/4 of FASTBN_STREAM_BYTES (x, y and dy together) are taken
+    # to run in cache (the caller just wrote x): channels-last element-wise rows of 512 B -
+    # 4 KiB then go four at a time (see fbn_rstep).  Measured on 1 KiB rows:
+    # 25-36 % faster at 3-10 MB, 25-47 % slower at 13-19 MB.
+    j.cached = nb * (2 if dy is None else 3) < stream_bytes - stream_bytes // 4
     if j.N * j.C * j.S == 0:
         return None
     with nogil:
