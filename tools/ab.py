@@ -13,6 +13,13 @@ Each build is loaded as its own module and timed on the same arrays.  Two ways
     --method best      the best of --repeat timed loops of back-to-back calls per
                        build, builds in turn: for calls on tensors in cache, where the
                        rotated medians swing by tens of percent from run to run
+    --method cold      medians of single calls, rotated, each after a pass over 64 MiB
+                       of other memory: as `python -m fastbn bench` times calls of
+                       200 us and more (one call a sample, after other contenders'
+                       work), for tensors of a few MB, where a call right after
+                       another finds x and y in cache and may take another path's
+                       speed (back-to-back timing once favoured a change that made
+                       the bench's mid-size rows 1.2-1.5x slower: BENCHMARKS.md)
 
 Prints each build's time and its ratio to the first build's.
 """
@@ -80,6 +87,16 @@ def best_of(calls, repeat, min_loop_s=0.02):
     return best
 
 
+def cold_sampler(f, evict):
+    """One call per sample, timed after evict() has pushed the arrays out of cache."""
+    def sample():
+        evict()
+        t0 = timeit.default_timer()
+        f()
+        return timeit.default_timer() - t0
+    return sample
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("builds", nargs="+", help="extension modules (.so) to compare")
@@ -89,7 +106,7 @@ def main(argv=None):
     p.add_argument("--threads", type=bench._threads, default=[1])
     p.add_argument("--dtype", default="float32", choices=("float16", "float32", "float64"))
     p.add_argument("--repeat", type=int, default=21)
-    p.add_argument("--method", choices=("rotated", "best"), default="rotated")
+    p.add_argument("--method", choices=("rotated", "best", "cold"), default="rotated")
     p.add_argument("--loop-ms", type=float, default=20.0,
                    help="least duration of a timed loop or sample (default %(default)s)")
     opts = p.parse_args(argv)
@@ -100,6 +117,10 @@ def main(argv=None):
     names = [pathlib.Path(path).name for path in opts.builds]
     rng = np.random.default_rng(0)
     dtype = np.dtype(opts.dtype)
+    junk = np.ones(8 << 20)                             # 64 MiB, past the cache share
+
+    def evict():
+        junk[::8] += 1.0                                # a read and a write of every line
     for shape in opts.shapes:
         for layout in opts.layouts.split(","):
             a = arrays(shape, layout, dtype, rng)
@@ -108,6 +129,12 @@ def main(argv=None):
                     calls = [call(m, op, layout, a, nt) for m in modules]
                     if opts.method == "best":
                         t = best_of(calls, opts.repeat, opts.loop_ms / 1e3)
+                    elif opts.method == "cold":
+                        for f in calls:
+                            f()
+                        med = bench.round_robin({i: (cold_sampler(f, evict), opts.repeat)
+                                                 for i, f in enumerate(calls)})
+                        t = [med[i] for i in range(len(calls))]
                     else:
                         med = bench.round_robin({i: (bench.sampler(f, opts.loop_ms / 1e3),
                                                      opts.repeat)
