@@ -1028,15 +1028,19 @@ cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_s
                                   const void* cols, const double* cf) noexcept nogil:
     """Rows [q R, (q + 1) R) of nhwc_eval_fused: their gradient sums and dx in
     one loop (fbn_evf) where it applies, streamed or, when x, dy and dx
-    together reach FASTBN_STREAM_BYTES (past the cache), with ordinary
-    stores (A/B, float32, 5.3-8 MB: 0.72-0.92 of the two phases' time at 1
-    thread, 0.79-0.95 at 2, but for 64 channels, 1.01-1.04, whose two phases
-    keep their sums in registers); else the sums, then dx.  In cache the two
-    phases were faster (4 MB: 1.06-1.18x slower in one loop)."""
+    together reach a quarter of FASTBN_STREAM_BYTES, with ordinary stores;
+    else the sums, then dx.  From 16 MiB (A/B, float32, 5.3-8 MB: 0.72-0.92
+    of the two phases' time at 1 thread, 0.79-0.95 at 2, but for 64
+    channels, 1.01-1.04, whose two phases keep their sums in registers).
+    From 4 MiB: an A/B of back-to-back calls had read 1.06-1.18x slower at
+    4 MB, but one of single calls after other work (tools/ab.py --method
+    cold, as the bench times them) read 0.72-0.93 at 1.6-4 MB, back-to-back
+    0.88-1.04 (4 KiB rows at 1 thread: 1.10-1.13), and bench rows under
+    torch went over it (16x256x14x14: 0.75-1.00x -> 1.11-1.18x)."""
     cdef Py_ssize_t C = j.C, r0 = q * R, r1 = (q + 1) * R
     if r1 > j.N:
         r1 = j.N
-    if ((j.stream or 3 * j.N * C * <Py_ssize_t>sizeof(data_t) >= stream_bytes)
+    if ((j.stream or 3 * j.N * C * <Py_ssize_t>sizeof(data_t) >= stream_bytes // 4)
             and evf(x, g, <data_t*>j.y, C, r0, r1, shift, &part[2 * q * C],
                     &part[(2 * q + 1) * C], cols, j.stream)):
         if j.stream:

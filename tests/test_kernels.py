@@ -244,11 +244,12 @@ def test_streaming_and_ordinary_stores_give_the_same_bits(rng, stream_threshold,
     dz.flat[::5] = 0.0
     dz.flat[2::7] = -0.0
     results = []
-    # out of reach, 0 (everything streamed), and three times x's bytes: the
-    # channels-last eval-mode backward then runs its sums and dx in one loop
-    # with ordinary stores (x, dy and dx outgrow the cache, dx below the
-    # streaming threshold), and the channels-last training dx takes ordinary
-    # stores a row a step (fbn_rstep: x, y and dy outgrow the cache)
+    # out of reach (the channels-last eval-mode backward in two phases), 0
+    # (everything streamed), and three times x's bytes: the channels-last
+    # eval-mode backward then runs its sums and dx in one loop with ordinary
+    # stores (dx below the streaming threshold), and the channels-last
+    # training dx takes ordinary stores a row a step (fbn_rstep: x, y and dy
+    # outgrow the cache)
     for threshold in (1 << 62, 0, 3 * x.nbytes):
         stream_threshold(threshold)
         for nt in (1, 2):
