@@ -5,7 +5,7 @@ Build each variant, copy its extension module aside, then
     python tools/ab.py base.so new.so [more.so ...] --shapes 256x256x14x14 \
         --layouts nhwc --ops bwd,eval --threads 1 --dtype float32
 
-Each build is loaded as its own module and timed on the same arrays.  Two ways
+Each build is loaded as its own module and timed on the same arrays.  Three ways
 (BENCHMARKS.md, "How A/B runs are made"):
 
     --method rotated   medians of samples taken round-robin with the order rotating
@@ -19,7 +19,7 @@ Each build is loaded as its own module and timed on the same arrays.  Two ways
                        work), for tensors of a few MB, where a call right after
                        another finds x and y in cache and may take another path's
                        speed (back-to-back timing once favoured a change that made
-                       the bench's mid-size rows 1.2-1.5x slower: BENCHMARKS.md)
+                       the bench's mid-size rows 1.2-1.7x slower: BENCHMARKS.md)
 
 Prints each build's time and its ratio to the first build's.
 """
@@ -117,7 +117,7 @@ def main(argv=None):
     names = [pathlib.Path(path).name for path in opts.builds]
     rng = np.random.default_rng(0)
     dtype = np.dtype(opts.dtype)
-    junk = np.ones(8 << 20)                             # 64 MiB, past the cache share
+    junk = np.ones(8 << 20) if opts.method == "cold" else None   # 64 MiB, past the cache
 
     def evict():
         junk[::8] += 1.0                                # a read and a write of every line
