@@ -428,7 +428,7 @@ cdef inline void tile_ew(int op, const data_t* x, const data_t* g, data_t* y, Py
                          const void* cols, const double* cf, int cached) noexcept nogil:
     """Element-wise op (as run_ew) on rows [r0, r1) x channels [c0, c1); cols
     holds the math-type columns hi, a, bf (see put_cols) and cf the float64 columns
-    mean, a, b, k, each of length C.  cached: the tensors fit in cache (fbn_rstep)."""
+    mean, a, b, k, each of length C.  cached: the tensors fit in cache (see execute)."""
     if data_t is float:
         fbn_tew_f32(op, x, g, y, C, r0, r1, c0, c1, <const float*>cols, cf, cached)
     elif data_t is double:
@@ -1340,9 +1340,11 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     j.stream = nb >= (stream_bytes // 2 if op == FWD_TRAIN_NHWC or op == FWD_INFER_NHWC
                       or (op == BWD_NHWC and not training) else stream_bytes)
     # Calls that touch less than 3/4 of FASTBN_STREAM_BYTES (x, y and dy together) are taken
-    # to run in cache (the caller just wrote x): channels-last element-wise rows of 512 B -
-    # 4 KiB then go four at a time (see fbn_rstep).  Measured on 1 KiB rows:
-    # 25-36 % faster at 3-10 MB, 25-47 % slower at 13-19 MB.
+    # to run in cache (the caller just wrote x).  Only float16 looks at it now: its
+    # channels-last forward and eval-mode dx rows of at most 256 B or of 4 KiB and more
+    # then go four at a time (fbn_tew), and its training dx picks its loop (nhwc_ew_rows).
+    # Rows in between, which every dtype used to take four at a time in cache and one
+    # from memory, now take four from four parts of the block either way (fbn_rparts).
     j.cached = nb * (2 if dy is None else 3) < stream_bytes - stream_bytes // 4
     if j.N * j.C * j.S == 0:
         return None

@@ -325,23 +325,40 @@ static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
 #define FBN_ROW_TILE 64
 #endif
 
-/* Channels-last rows per step of the element-wise row loops (fbn_tew; the
- * sums take rows in parts instead, fbn_ways).  Four rows share each load of
- * the coefficients when they span at most 256 B (short rows), lie in pages of
- * their own (long rows), which the prefetchers follow as separate streams, or
- * come from cache (`cached`: the caller's tensors fit in L3).  Rows in
- * between, four of which interleave inside one page, go one at a time from
- * DRAM: interleaved so, a read of 512 B or 1 KiB rows runs 2.5-3x slower than
- * in memory order (256 B rows: as fast), with or without software prefetch.
- * From cache, four at a time is 25-33 % faster. */
+/* Which rows the channels-last element-wise loop (fbn_tew) takes together,
+ * four a step sharing each load of the coefficients (the sums take rows in
+ * parts too: fbn_ways).  Rows of at most 256 B (short) go four consecutive
+ * rows a step, one sequential stream; rows of 4 KiB or more (long) lie in
+ * pages of their own, which the prefetchers follow as separate streams.  Four
+ * consecutive rows in between interleave inside one page, and read 2.5-3x
+ * slower so from DRAM than in memory order (512 B or 1 KiB rows, with or
+ * without software prefetch; 256 B rows: as fast), so until now such rows
+ * went one at a time unless the caller's tensors fit in cache.  They now take
+ * the rows of a step from K parts of the block instead (row i of each part:
+ * K sequential streams), from memory or cache alike.
+ *
+ * fbn_rparts returns the rows from one part to the next for blocks of hp rows
+ * a part (0: short and long rows, consecutive rows a step).  Part starts lie
+ * a row apart modulo 4 KiB, as consecutive rows do, so that their lines and
+ * the output's spread over the L1 sets as four consecutive rows' would (parts
+ * a multiple of 4 KiB apart ran 1.3-1.9x slower in cache); the few rows left
+ * over go in order.  Float32, A/B against consecutive rows (in cache,
+ * 1.6-4.8 MB) or one row a step (from memory, 6.4 MB): single calls after
+ * other work (tools/ab.py --method cold) 0.42-0.75 of the time for inference,
+ * 0.70-0.92 training forward, 0.67-0.91 backward, 1, 2 threads; back-to-back
+ * calls 0.60-1.0 (128-256 B rows, unchanged: 0.98-1.05). */
 #ifndef FBN_SHORT_ROW
 #define FBN_SHORT_ROW 256
 #endif
 #ifndef FBN_LONG_ROW
 #define FBN_LONG_ROW 4096
 #endif
-static inline ptrdiff_t fbn_rstep(ptrdiff_t row_bytes, int cached) {
-    return cached || row_bytes <= FBN_SHORT_ROW || row_bytes >= FBN_LONG_ROW ? 4 : 1;
+static inline ptrdiff_t fbn_rparts(ptrdiff_t row_bytes, ptrdiff_t hp) {
+    ptrdiff_t q = 4096, v = row_bytes % 4096, t;
+    if (row_bytes <= FBN_SHORT_ROW || row_bytes >= FBN_LONG_ROW || hp <= 0) return 0;
+    while (v) { t = q % v; q = v; v = t; }        /* gcd(row_bytes, 4096) */
+    q = 4096 / q;                  /* rows per 4 KiB period of row offsets */
+    return hp - (hp - 1) % q;      /* hp = 1 modulo q: as rows 1 apart */
 }
 
 /* Whether four rows a step of the element-wise loops (fbn_tew) would crowd L1
@@ -753,6 +770,42 @@ static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
 /* ---- the per-type family ---------------------------------------------------
  * T storage type, S suffix, M math scalar, V math vector, W lanes, VS vector
  * suffix (d8 / s16), CVT scalar storage -> math conversion. */
+/* The body of a step of fbn_tew: channels [c0, c1) of rows rb, rb + RS, ... up
+ * to re, each coefficient vector loaded once for them. */
+#define FBN_TEW_STEP(S, V, W, FOLD, RS)                                           \
+        if (op == 1) {                                                            \
+            for (ptrdiff_t c = c0; c < c1; c += 8) {                              \
+                const fbn_x8_##S mv = fbn_xcol_##S(cf, c, C),                     \
+                    av = fbn_xcol_##S(cf + C, c, C), bv = fbn_xcol_##S(cf + 2 * C, c, C), \
+                    kv = fbn_xcol_##S(cf + 3 * C, c, C);                          \
+                for (ptrdiff_t r = rb; r < re; r += (RS)) {                       \
+                    ptrdiff_t o = r * C + c;                                      \
+                    fbn_x8_##S v = FBN_DX(FOLD, fbn_xfma_##S, av, fbn_xtld_##S(g + o, c, C), bv, \
+                                          fbn_xtld_##S(x + o, c, C), mv, kv);     \
+                    if (c + 8 <= C) fbn_xst_##S(y + o, v); else fbn_xstn_##S(y + o, C - c, v); \
+                }                                                                 \
+            }                                                                     \
+        } else if (op == 0) {                                                     \
+            for (ptrdiff_t c = c0; c < c1; c += W) {                              \
+                const V hv = fbn_col_##S(hi, c, C), av = fbn_col_##S(a, c, C),    \
+                        bv = fbn_col_##S(b, c, C);                                \
+                for (ptrdiff_t r = rb; r < re; r += (RS)) {                       \
+                    ptrdiff_t o = r * C + c;                                      \
+                    V v = (fbn_tld_##S(x + o, c, C) - hv) * av + bv;              \
+                    if (c + W <= C) fbn_st_##S(y + o, v); else fbn_stn_##S(y + o, C - c, v); \
+                }                                                                 \
+            }                                                                     \
+        } else {                                                                  \
+            for (ptrdiff_t c = c0; c < c1; c += W) {                              \
+                const V av = fbn_col_##S(a, c, C);                                \
+                for (ptrdiff_t r = rb; r < re; r += (RS)) {                       \
+                    ptrdiff_t o = r * C + c;                                      \
+                    V v = av * fbn_tld_##S(g + o, c, C);                          \
+                    if (c + W <= C) fbn_st_##S(y + o, v); else fbn_stn_##S(y + o, C - c, v); \
+                }                                                                 \
+            }                                                                     \
+        }
+
 #define FBN_FAMILY(T, S, M, V, W, VS, SPLAT, CVT, FOLD)                                \
                                                                                   \
 /* ---- contiguous runs (channels-first: one run = one (n, c) row of S) ---- */   \
@@ -1144,60 +1197,53 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
     }                                                                             \
 }                                                                                 \
                                                                                   \
+/* The steps of fbn_tew that take their rows from parts (fbn_rparts): rows   \
+ * r0 + i, r0 + i + hp, ... (rstep of them) for i < hp.  Out of line: inlined,  \
+ * the consecutive steps' loops ran 4-14 % slower on 128-256 B rows in cache. */ \
+static __attribute__((noinline)) void fbn_tew_parts_##S(                        \
+        int op, const T *x, const T *g, T *y, ptrdiff_t C, ptrdiff_t r0,          \
+        ptrdiff_t c0, ptrdiff_t c1, const M *hi, const M *a, const M *b,          \
+        const double *cf, ptrdiff_t rstep, ptrdiff_t hp) {                        \
+    for (ptrdiff_t i = 0; i < hp; i++) {                                          \
+        const ptrdiff_t rb = r0 + i, re = rb + rstep * hp;                        \
+        FBN_TEW_STEP(S, V, W, FOLD, hp)                                           \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
 /* Element-wise over a tile, row by row (op as fbn_ew): ops 0 and 2 use the    \
  * math-type columns cols = (hi, a, bf) of fbn_fold (stride C + FBN_COLPAD), op 1 \
  * the float64 columns cf = (mean, a, b, k), each of length C, with mean and k  \
- * already as fbn_xfold_<S> leaves them. */                                      \
+ * already as fbn_xfold_<S> leaves them.  The rows of a step: see fbn_rparts   \
+ * (each element's value is the same in any order). */                         \
 static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C, \
                                ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,          \
                                ptrdiff_t c1, const M *cols, const double *cf,     \
                                int cached) {                                      \
     const M *hi = cols, *a = cols + (C + FBN_COLPAD), *b = cols + 2 * (C + FBN_COLPAD); \
-    /* Rows per coefficient load: see fbn_rstep; but for ops 0 and 2 from     \
-     * memory one row at a time when a math-type vector stores less than a     \
-     * cache line (float16: interleaving rows of half-line stores costs more   \
-     * than the shared loads save).  In cache the shared loads win (float16    \
-     * inference 8x256x14x14 0.055 -> 0.032 ms, 32x64x28x28 0.236 -> 0.125).   \
-     * Op 1 converts its float64 columns to the dx lanes at each load          \
-     * (float16), which costs more than the interleave. */                    \
-    ptrdiff_t rstep = W * (ptrdiff_t)sizeof(T) >= 64 || op == 1 || cached         \
-                      ? fbn_rstep(C * (ptrdiff_t)sizeof(T), cached) : 1;          \
-    if (rstep == 4 && fbn_set_crowd(C * (ptrdiff_t)sizeof(T), op == 2 ? g : x, y)) \
+    const ptrdiff_t row = C * (ptrdiff_t)sizeof(T);                               \
+    /* Four rows per coefficient load (which four: fbn_rparts); but for ops 0  \
+     * and 2 one row at a time when a math-type vector stores less than a      \
+     * cache line (float16), from memory, and the four would be consecutive    \
+     * rows: interleaving rows of half-line stores costs more than the shared  \
+     * loads save.  In cache the shared loads win (float16 inference           \
+     * 8x256x14x14 0.055 -> 0.032 ms, 32x64x28x28 0.236 -> 0.125), and so they \
+     * do from parts, each of which stores whole lines in turn (float16, 6.4   \
+     * MB, 256-512 channels, A/B against one row a step: inference 0.48-0.60   \
+     * of the time back-to-back, 0.87-0.90 cold at one thread; training        \
+     * forward 0.73-0.82 and 0.89-0.90).  Op 1 converts its float64 columns to \
+     * the dx lanes at each load (float16), which costs more than the          \
+     * interleave. */                                                          \
+    ptrdiff_t rstep = W * (ptrdiff_t)sizeof(T) >= 64 || op == 1 || cached          \
+                      || fbn_rparts(row, 1) ? 4 : 1;                              \
+    if (rstep == 4 && fbn_set_crowd(row, op == 2 ? g : x, y))                     \
         rstep = 2;                                                                \
-    for (ptrdiff_t rb = r0; rb < r1; rb += rstep) {                               \
-        ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                         \
-        if (op == 1) {                                                            \
-            for (ptrdiff_t c = c0; c < c1; c += 8) {                              \
-                const fbn_x8_##S mv = fbn_xcol_##S(cf, c, C),                     \
-                    av = fbn_xcol_##S(cf + C, c, C), bv = fbn_xcol_##S(cf + 2 * C, c, C), \
-                    kv = fbn_xcol_##S(cf + 3 * C, c, C);                          \
-                for (ptrdiff_t r = rb; r < re; r++) {                             \
-                    ptrdiff_t o = r * C + c;                                      \
-                    fbn_x8_##S v = FBN_DX(FOLD, fbn_xfma_##S, av, fbn_xtld_##S(g + o, c, C), bv,    \
-                                          fbn_xtld_##S(x + o, c, C), mv, kv);     \
-                    if (c + 8 <= C) fbn_xst_##S(y + o, v); else fbn_xstn_##S(y + o, C - c, v); \
-                }                                                                 \
-            }                                                                     \
-        } else if (op == 0) {                                                     \
-            for (ptrdiff_t c = c0; c < c1; c += W) {                              \
-                const V hv = fbn_col_##S(hi, c, C), av = fbn_col_##S(a, c, C),    \
-                        bv = fbn_col_##S(b, c, C);                                \
-                for (ptrdiff_t r = rb; r < re; r++) {                             \
-                    ptrdiff_t o = r * C + c;                                      \
-                    V v = (fbn_tld_##S(x + o, c, C) - hv) * av + bv;              \
-                    if (c + W <= C) fbn_st_##S(y + o, v); else fbn_stn_##S(y + o, C - c, v); \
-                }                                                                 \
-            }                                                                     \
-        } else {                                                                  \
-            for (ptrdiff_t c = c0; c < c1; c += W) {                              \
-                const V av = fbn_col_##S(a, c, C);                                \
-                for (ptrdiff_t r = rb; r < re; r++) {                             \
-                    ptrdiff_t o = r * C + c;                                      \
-                    V v = av * fbn_tld_##S(g + o, c, C);                          \
-                    if (c + W <= C) fbn_st_##S(y + o, v); else fbn_stn_##S(y + o, C - c, v); \
-                }                                                                 \
-            }                                                                     \
-        }                                                                         \
+    /* Steps i < hp: rows i, i + hp, ... (parts); then rstep rows in order. */  \
+    const ptrdiff_t hp = rstep > 1 ? fbn_rparts(row, (r1 - r0) / rstep) : 0;    \
+    if (hp > 0)                                                                   \
+        fbn_tew_parts_##S(op, x, g, y, C, r0, c0, c1, hi, a, b, cf, rstep, hp);    \
+    for (ptrdiff_t rb = r0 + rstep * hp; rb < r1; rb += rstep) {                  \
+        const ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                   \
+        FBN_TEW_STEP(S, V, W, FOLD, 1)                                            \
     }                                                                             \
 }                                                                                 \
                                                                                   \
