@@ -343,10 +343,11 @@ static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
  * the output's spread over the L1 sets as four consecutive rows' would (parts
  * a multiple of 4 KiB apart ran 1.3-1.9x slower in cache); the few rows left
  * over go in order.  Float32, A/B against consecutive rows (in cache,
- * 1.6-4.8 MB) or one row a step (from memory, 6.4 MB): single calls after
- * other work (tools/ab.py --method cold) 0.42-0.75 of the time for inference,
- * 0.70-0.92 training forward, 0.67-0.91 backward, 1, 2 threads; back-to-back
- * calls 0.60-1.0 (128-256 B rows, unchanged: 0.98-1.05). */
+ * 1.6-4.8 MB) or one row a step (from memory, 6.4 MB), 1 and 2 threads:
+ * single calls after other work (tools/ab.py --method cold) 0.42-0.98 of the
+ * time for inference, 0.70-0.99 training forward, 0.67-1.01 backward;
+ * back-to-back 0.58-0.99, but (1024, 512) in cache 1.03-1.22 (BENCHMARKS.md,
+ * fda08fb). */
 #ifndef FBN_SHORT_ROW
 #define FBN_SHORT_ROW 256
 #endif
