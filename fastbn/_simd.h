@@ -354,9 +354,12 @@ static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
 #ifndef FBN_LONG_ROW
 #define FBN_LONG_ROW 4096
 #endif
+static inline int fbn_mid_row(ptrdiff_t row_bytes) {
+    return row_bytes > FBN_SHORT_ROW && row_bytes < FBN_LONG_ROW;
+}
 static inline ptrdiff_t fbn_rparts(ptrdiff_t row_bytes, ptrdiff_t hp) {
     ptrdiff_t q = 4096, v = row_bytes % 4096, t;
-    if (row_bytes <= FBN_SHORT_ROW || row_bytes >= FBN_LONG_ROW || hp <= 0) return 0;
+    if (!fbn_mid_row(row_bytes) || hp <= 0) return 0;
     while (v) { t = q % v; q = v; v = t; }        /* gcd(row_bytes, 4096) */
     q = 4096 / q;                  /* rows per 4 KiB period of row offsets */
     return hp - (hp - 1) % q;      /* hp = 1 modulo q: as rows 1 apart */
@@ -1235,7 +1238,7 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
      * the dx lanes at each load (float16), which costs more than the          \
      * interleave. */                                                          \
     ptrdiff_t rstep = W * (ptrdiff_t)sizeof(T) >= 64 || op == 1 || cached          \
-                      || fbn_rparts(row, 1) ? 4 : 1;                              \
+                      || fbn_mid_row(row) ? 4 : 1;                                \
     if (rstep == 4 && fbn_set_crowd(row, op == 2 ? g : x, y))                     \
         rstep = 2;                                                                \
     /* Steps i < hp: rows i, i + hp, ... (parts); then rstep rows in order. */  \
