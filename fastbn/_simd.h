@@ -357,11 +357,15 @@ static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
 static inline int fbn_mid_row(ptrdiff_t row_bytes) {
     return row_bytes > FBN_SHORT_ROW && row_bytes < FBN_LONG_ROW;
 }
+static inline ptrdiff_t fbn_gcd(ptrdiff_t a, ptrdiff_t b) {
+    ptrdiff_t t;
+    while (b) { t = a % b; a = b; b = t; }
+    return a;
+}
 static inline ptrdiff_t fbn_rparts(ptrdiff_t row_bytes, ptrdiff_t hp) {
-    ptrdiff_t q = 4096, v = row_bytes % 4096, t;
+    ptrdiff_t q;                   /* rows per 4 KiB period of row offsets */
     if (!fbn_mid_row(row_bytes) || hp <= 0) return 0;
-    while (v) { t = q % v; q = v; v = t; }        /* gcd(row_bytes, 4096) */
-    q = 4096 / q;                  /* rows per 4 KiB period of row offsets */
+    q = 4096 / fbn_gcd(4096, row_bytes);
     return hp - (hp - 1) % q;      /* hp = 1 modulo q: as rows 1 apart */
 }
 
@@ -403,9 +407,7 @@ static inline ptrdiff_t fbn_ways(ptrdiff_t row_bytes, int grad) {
  * channels-last kernels (fbn_cl_ntv, fbn_cl_dx_ntv, fbn_cl_dx_linev_f16) keep
  * the coefficients of that many vectors. */
 static inline ptrdiff_t fbn_period(ptrdiff_t C, ptrdiff_t w) {
-    ptrdiff_t g = C, t;
-    while (w) { t = g % w; g = w; w = t; }
-    return C / g;
+    return C / fbn_gcd(C, w);
 }
 
 /* The math-type coefficient columns of the channels-last element-wise pass
