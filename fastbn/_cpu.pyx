@@ -173,6 +173,7 @@ DEF CTASK = 256
 # boundary ((64, 512) float32, 1 KiB a thread: 1.3-2.1x slower at 2 threads,
 # though one thread took the same tiles in 0.89-1.06 of the time).
 DEF TILED_SPAN = 4096
+DEF COL_SLACK = 520          # doubles: col_phase moves the columns up to 4 KiB + 64 B
 DEF NT4_ROW = 8192          # channels-last forward rows streamed four quarters at
                             # once from here (cl_nt); A/B, 1 thread: 2048-4096 float32
                             # channels inference 0.88-0.90, training 0.90-0.97;
@@ -888,17 +889,17 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     # the merged sums and the math-type columns of the element-wise pass (hi,
     # a, bf, each C + FBN_COLPAD long: at most that many doubles each).
     # Streamed training dx: its float64 columns, padded as cols (dcols).
-    # cols starts up to 64 bytes in (see col_phase).
+    # cols starts up to 4 KiB + 64 bytes in (see col_phase).
     cdef double* part = <double*>malloc(
-        <size_t>((2 * nq + 14) * C + 7 * FBN_COLPAD + 9) * sizeof(double))
+        <size_t>((2 * nq + 14) * C + 7 * FBN_COLPAD + 8 + COL_SLACK) * sizeof(double))
     cdef double* cf = part + 2 * nq * C
     cdef double* shift = cf + 4 * C
     cdef double* tot = cf + 5 * C           # merged sums: tot[0:C], tot[C:2C]
+    cdef double* dcols = cf + 7 * C
     cdef void* cols
-    cdef double* dcols = cf + 10 * C + 3 * FBN_COLPAD + 8
     if part == NULL:
         return -1
-    cols = col_phase(x, cf + 7 * C, j.y, C)
+    cols = col_phase(x, dcols + 4 * (C + FBN_COLPAD), j.y, C)
     if reduce:
         for c in range(C):
             shift[c] = j.mean[c] if grad else ld(x, c)
@@ -1149,15 +1150,31 @@ cdef inline void nhwc_ew_rows(Job* j, const data_t* x, const data_t* g, int op, 
 
 cdef inline void* col_phase(const data_t* x, double* p, const void* y,
                             Py_ssize_t C) noexcept nogil:
-    """Where in [p, p + 64 bytes) the columns of the forward element-wise pass
-    start so that the coefficients of its aligned vectors of y are aligned
-    too: the channel of y's first 64-byte boundary lands on one (and so do
-    those of all of them when a vector divides C).  No split loads: 2-4 %
-    off the channels-last inference of 256x256x14x14 float32 (A/B, 1 thread)."""
-    cdef size_t e = ((64 - (<size_t>y & 63)) & 63) // sizeof(data_t) % <size_t>C
+    """Where in [p, p + COL_SLACK doubles) the columns of the forward
+    element-wise pass start.  The coefficients of its aligned vectors of y are
+    aligned too: the channel of y's first 64-byte boundary lands on one (and so
+    do those of all of them when a vector divides C).  No split loads: 2-4 %
+    off the channels-last inference of 256x256x14x14 float32 (A/B, 1 thread).
+    And where a column advances as y does (float32, float64), its loads stay
+    about half of g = gcd(row bytes, 4 KiB) from y's stores modulo 4 KiB
+    (g >= 128): the row offsets of y against a column are a multiple of g
+    apart, and a load that matches a recent streaming store in address bits
+    0-11 waits for it (see fbn_walk_down).  Placed at random, the columns of
+    (4096, 1024) float32 inference cost up to 1.4x at some placements."""
     cdef size_t sz = sizeof(double) if data_t is double else sizeof(float)
-    cdef size_t a = (<size_t>p + e * sz + 63) & ~(<size_t>63)
-    return <void*>(a - e * sz)
+    cdef size_t yl = (<size_t>y + 63) & ~(<size_t>63)          # y's first line
+    cdef size_t e = (yl - <size_t>y) // sizeof(data_t) % <size_t>C
+    cdef size_t lo = <size_t>p + e * sz                      # channel e's least place
+    cdef size_t g = 4096
+    cdef size_t t
+    while (C * sizeof(data_t)) % g:
+        g //= 2
+    if sz != sizeof(data_t) or g < 128:
+        return <void*>(((lo + 63) & ~(<size_t>63)) - e * sz)
+    # channel e at y's line less half of g and the padding (the three
+    # columns, FBN_COLPAD elements apart modulo g, then straddle g / 2)
+    t = yl - g // 2 - FBN_COLPAD * sz
+    return <void*>(lo + ((t - lo) & (g - 1)) - e * sz)
 
 
 cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssize_t C,

@@ -142,6 +142,33 @@ static inline fbn_f8 fbn_d8_to_f8(fbn_d8 v) { return __builtin_convertvector(v, 
 #endif
 #define FBN_PF(p) do { if (FBN_PF_BYTES) \
     __builtin_prefetch((const char *)(p) + FBN_PF_BYTES, 0, 0); } while (0)
+/* The same for a loop walking down the addresses (D = -1) or up (D = 1). */
+#define FBN_PFD(p, D) do { if (FBN_PF_BYTES) \
+    __builtin_prefetch((const char *)(p) + (D) * FBN_PF_BYTES, 0, 0); } while (0)
+
+/* 4 KiB aliasing.  A load whose address matches an older store's in bits
+ * 0-11 waits for that store, and a streaming store waits in turn for its line
+ * to go out to memory.  When y is written with streaming stores while x is
+ * read from cache, a store a few lines before the load in the same bits sets
+ * the pace: with y 16-192 bytes after x modulo 4 KiB, channels-last inference
+ * of (4096, 1024) float16 (8 MiB) took 1.3-2.7x as long as at other
+ * placements, float64 (1024, 1024) 1.2-2.4x, and 256x256x14x14 from memory
+ * 1.2-1.3x (one thread; numpy's fresh arrays share their offset modulo
+ * 4 KiB, but arrays recycled from the heap or sliced land anywhere).  Walking
+ * up, the store a load of x aliases is d = (y - x) mod 4 KiB bytes behind it;
+ * walking down, 4 KiB - d.  So the streaming writers walk down when y starts
+ * up to 2 KiB after x, and load a step's spans before they store them. */
+static inline int fbn_walk_down(const void *in, const void *out) {
+    const uintptr_t d = ((uintptr_t)out - (uintptr_t)in) & 4095;
+    return d > 0 && d < 2048;
+}
+/* Channel index c + dc reduced to [0, C). */
+static inline ptrdiff_t fbn_cstep(ptrdiff_t c, ptrdiff_t dc, ptrdiff_t C) {
+    c += dc;
+    if (c >= C) return c >= 2 * C ? c % C : c - C;
+    if (c < 0) return c < -C ? (c % C + C) % C : c + C;
+    return c;
+}
 
 /* A copy whose whole 64-byte lines of dst are written with streaming stores
  * (no read for ownership): with memcpy, the memory floor of the benchmarks
@@ -1253,115 +1280,129 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
     }                                                                             \
 }                                                                                 \
                                                                                   \
-/* Channels-last forward element-wise (op 0) over the n elements of a block of \
- * whole rows (n a multiple of C, the block starting at a row) with streaming    \
- * stores: aligned vectors, coefficients loaded at each vector's channel        \
- * offset from the padded columns.  The same operations per element as          \
- * fbn_tew op 0: the same bits.  K = 2: a second span of n elements `off`       \
- * elements after the first (off a multiple of C and of a 64-byte line) goes    \
- * at the same time: two read streams, one coefficient load per two vectors. */ \
-static inline void fbn_cl_ntk_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,  \
-                                  ptrdiff_t C, const M *cols, const int K) {      \
+/* Channels-last forward element-wise (op 0) over the n elements of a block of    \
+ * whole rows (n a multiple of C, the block starting at a row) with streaming     \
+ * stores: aligned vectors, coefficients loaded at each vector's channel          \
+ * offset from the padded columns.  The same operations per element as            \
+ * fbn_tew op 0: the same bits.  K = 2 or 4: K spans of n elements `off`          \
+ * elements apart (off a multiple of C and of a 64-byte line) go at the same      \
+ * time: K read streams, one coefficient load per K vectors.  D = 1 walks the     \
+ * whole vectors up, D = -1 down, a step's loads before its stores (see           \
+ * fbn_walk_down); the head before y's first line and the tail go first. */       \
+static inline void fbn_cl_ntk_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,   \
+                                  ptrdiff_t C, const M *cols, const int K,        \
+                                  const int D) {                                  \
     const ptrdiff_t L = C + FBN_COLPAD;                                           \
     const M *hi = cols, *a = cols + L, *b = cols + 2 * L;                         \
     ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
-    ptrdiff_t i = 0, c = 0, r, o;                                                 \
-    V hv, av, bv;                                                                 \
+    ptrdiff_t i, c, r, o, e, s;                                                   \
+    V hv, av, bv, v[4];                                                           \
     if (h > n) h = n;                                                             \
-    while (i < h) {                       /* head, at most W elements a step */   \
-        r = h - i < W ? h - i : W;                                                \
+    e = h + (n - h) / W * W;              /* whole vectors: [h, e) */             \
+    for (i = 0; i < n; i += r) {          /* head and tail, W elements a step */  \
+        if (i == h && (i = e) == n) break;                                        \
+        r = (i < h ? h : n) - i; if (r > W) r = W;                                \
+        c = i % C;                                                                \
         memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
         memcpy(&bv, b + c, sizeof(V));                                            \
         for (int q = 0; q < K; q++) {                                             \
             o = q * off + i;                                                      \
             fbn_stn_##S(y + o, r, (fbn_ldn_##S(x + o, r, 0) - hv) * av + bv);     \
         }                                                                         \
-        i += r; c = (c + r) % C;                                                  \
     }                                                                             \
-    for (; i + W <= n; i += W) {                                                  \
+    i = D > 0 ? h : e - W;                                                        \
+    c = e > h ? i % C : 0;                                                        \
+    for (s = (e - h) / W; s > 0; s--, i += D * W) {                               \
         memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
         memcpy(&bv, b + c, sizeof(V));                                            \
         for (int q = 0; q < K; q++) {                                             \
             o = q * off + i;                                                      \
-            FBN_PF(x + o);                                                        \
-            fbn_sst_##S(y + o, (fbn_ld_##S(x + o) - hv) * av + bv);               \
+            FBN_PFD(x + o, D);                                                    \
+            v[q] = (fbn_ld_##S(x + o) - hv) * av + bv;                            \
         }                                                                         \
-        c += W; if (c >= C) c = c >= 2 * C ? c % C : c - C;                       \
-    }                                                                             \
-    if ((r = n - i) > 0) {                                                        \
-        memcpy(&hv, hi + c, sizeof(V)); memcpy(&av, a + c, sizeof(V));            \
-        memcpy(&bv, b + c, sizeof(V));                                            \
-        for (int q = 0; q < K; q++) {                                             \
-            o = q * off + i;                                                      \
-            fbn_stn_##S(y + o, r, (fbn_ldn_##S(x + o, r, 0) - hv) * av + bv);     \
-        }                                                                         \
+        for (int q = 0; q < K; q++)                                               \
+            fbn_sst_##S(y + q * off + i, v[q]);                                   \
+        c = fbn_cstep(c, D * W, C);                                               \
     }                                                                             \
 }                                                                                 \
 static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,      \
                                  const M *cols) {                                 \
-    fbn_cl_ntk_##S(x, y, n, 0, C, cols, 1);                                       \
+    if (fbn_walk_down(x, y)) fbn_cl_ntk_##S(x, y, n, 0, C, cols, 1, -1);          \
+    else fbn_cl_ntk_##S(x, y, n, 0, C, cols, 1, 1);                               \
 }                                                                                 \
-/* The same pass when a period of NV <= 8 vectors (P = NV W elements, a       \
- * multiple of C) holds whole rows: after the head every period starts on the  \
- * same channel, so the coefficients of its NV vectors stay in registers and    \
- * the loop is a copy's (load, two operations, streaming store).  With three   \
- * coefficient loads from L1 per vector of x the pass ran 1.3x a copy from     \
- * memory (64 channels, float32, one thread); held in registers, inference     \
- * took 0.87-0.92 of the time in float32 and 0.65-0.74 in float16.  Same bits. */\
+/* The same pass when a period of NV <= 8 vectors (P = NV W elements, a           \
+ * multiple of C) holds whole rows: after the head every period starts on the     \
+ * same channel, so the coefficients of its NV vectors stay in registers and      \
+ * the loop is a copy's (load, two operations, streaming store).  With three      \
+ * coefficient loads from L1 per vector of x the pass ran 1.3x a copy from        \
+ * memory (64 channels, float32, one thread); held in registers, inference        \
+ * took 0.87-0.92 of the time in float32 and 0.65-0.74 in float16.  Same bits.    \
+ * D as fbn_cl_ntk; the rest under a period goes first. */                        \
 static inline void fbn_cl_ntr_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,     \
-                                  const M *cols, const int NV) {                  \
+                                  const M *cols, const int NV, const int D) {     \
     const ptrdiff_t L = C + FBN_COLPAD, P = NV * W;                               \
     const M *hi = cols, *a = cols + L, *b = cols + 2 * L;                         \
     ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
-    ptrdiff_t i, c, r, k;                                                         \
+    ptrdiff_t i, c, r, k, e, s;                                                   \
     V hv[8], av[8], bv[8];                                                        \
     if (h > n) h = n;                                                             \
-    fbn_cl_ntk_##S(x, y, h, 0, C, cols, 1);          /* the head, ordinary */     \
+    fbn_cl_ntk_##S(x, y, h, 0, C, cols, 1, 1);       /* the head, ordinary */     \
     c = h % C;                                                                    \
     for (k = 0; k < NV; k++) {                                                    \
         ptrdiff_t ck = (c + k * W) % C;                                           \
         memcpy(&hv[k], hi + ck, sizeof(V)); memcpy(&av[k], a + ck, sizeof(V));    \
         memcpy(&bv[k], b + ck, sizeof(V));                                        \
     }                                                                             \
-    for (i = h; i + P <= n; i += P)                                               \
-        for (k = 0; k < NV; k++) {                                                \
-            FBN_PF(x + i + k * W);                                                \
-            fbn_sst_##S(y + i + k * W, (fbn_ld_##S(x + i + k * W) - hv[k]) * av[k] + bv[k]); \
-        }                                                                         \
-    for (k = 0; i < n; i += r, k++) {          /* the rest: under a period */     \
+    e = h + (n - h) / P * P;                                                      \
+    for (k = 0, i = e; i < n; i += r, k++) {   /* the rest: under a period */     \
         r = n - i < W ? n - i : W;                                                \
         if (r == W) fbn_sst_##S(y + i, (fbn_ld_##S(x + i) - hv[k]) * av[k] + bv[k]); \
         else fbn_stn_##S(y + i, r, (fbn_ldn_##S(x + i, r, 0) - hv[k]) * av[k] + bv[k]); \
     }                                                                             \
+    i = D > 0 ? h : e - P;                                                        \
+    for (s = (e - h) / P; s > 0; s--, i += D * P)                                 \
+        for (int j = 0; j < NV; j++) {                                            \
+            k = D > 0 ? j : NV - 1 - j;                                           \
+            FBN_PFD(x + i + k * W, D);                                            \
+            fbn_sst_##S(y + i + k * W, (fbn_ld_##S(x + i + k * W) - hv[k]) * av[k] + bv[k]); \
+        }                                                                         \
 }                                                                                 \
-/* fbn_cl_ntr when its period fits in registers: NV = fbn_period(C, W) up to 8  \
- * vectors of three coefficients (24 registers; 128 float32 channels, 64       \
- * float64), up to 4 for float16, whose half-line vectors take two halves a    \
- * line at a time beyond that (fbn_cl_nt2l_f16); returns 0 otherwise.  96-128   \
- * float32 channels, inference 0.85-0.92 of the time with 5-8 vectors held,    \
- * training 0.93-1.02 (A/B, 1 thread; float64 64 channels 0.93 / 0.96). */      \
+static inline void fbn_cl_ntrs_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,    \
+                                   const M *cols, ptrdiff_t nv, const int D) {    \
+    switch (nv) {                                                                 \
+    case 1: fbn_cl_ntr_##S(x, y, n, C, cols, 1, D); return;                       \
+    case 2: fbn_cl_ntr_##S(x, y, n, C, cols, 2, D); return;                       \
+    case 3: fbn_cl_ntr_##S(x, y, n, C, cols, 3, D); return;                       \
+    case 4: fbn_cl_ntr_##S(x, y, n, C, cols, 4, D); return;                       \
+    case 5: fbn_cl_ntr_##S(x, y, n, C, cols, 5, D); return;                       \
+    case 6: fbn_cl_ntr_##S(x, y, n, C, cols, 6, D); return;                       \
+    case 7: fbn_cl_ntr_##S(x, y, n, C, cols, 7, D); return;                       \
+    default: fbn_cl_ntr_##S(x, y, n, C, cols, 8, D); return;                      \
+    }                                                                             \
+}                                                                                 \
+/* fbn_cl_ntr when its period fits in registers: NV = fbn_period(C, W) up to 8    \
+ * vectors of three coefficients (24 registers; 128 float32 channels, 64          \
+ * float64), up to 4 for float16, whose half-line vectors take two halves a       \
+ * line at a time beyond that (fbn_cl_nt2l_f16); returns 0 otherwise.  96-128     \
+ * float32 channels, inference 0.85-0.92 of the time with 5-8 vectors held,       \
+ * training 0.93-1.02 (A/B, 1 thread; float64 64 channels 0.93 / 0.96). */        \
 static inline int fbn_cl_ntv_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,      \
                                  const M *cols) {                                 \
     const ptrdiff_t nv = fbn_period(C, W);                                        \
     if (nv > (W * sizeof(T) < 64 ? 4 : 8)) return 0;                              \
-    switch (nv) {                                                                 \
-    case 1: fbn_cl_ntr_##S(x, y, n, C, cols, 1); return 1;                        \
-    case 2: fbn_cl_ntr_##S(x, y, n, C, cols, 2); return 1;                        \
-    case 3: fbn_cl_ntr_##S(x, y, n, C, cols, 3); return 1;                        \
-    case 4: fbn_cl_ntr_##S(x, y, n, C, cols, 4); return 1;                        \
-    case 5: fbn_cl_ntr_##S(x, y, n, C, cols, 5); return 1;                        \
-    case 6: fbn_cl_ntr_##S(x, y, n, C, cols, 6); return 1;                        \
-    case 7: fbn_cl_ntr_##S(x, y, n, C, cols, 7); return 1;                        \
-    default: fbn_cl_ntr_##S(x, y, n, C, cols, 8); return 1;                       \
-    }                                                                             \
+    if (fbn_walk_down(x, y)) fbn_cl_ntrs_##S(x, y, n, C, cols, nv, -1);           \
+    else fbn_cl_ntrs_##S(x, y, n, C, cols, nv, 1);                                \
+    return 1;                                                                     \
 }                                                                                 \
-static inline void fbn_cl_nt4_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,  \
+static inline void fbn_cl_nt4_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,   \
                                   ptrdiff_t C, const M *cols) {                   \
-    fbn_cl_ntk_##S(x, y, n, off, C, cols, 4);                                     \
+    if (fbn_walk_down(x, y)) fbn_cl_ntk_##S(x, y, n, off, C, cols, 4, -1);        \
+    else fbn_cl_ntk_##S(x, y, n, off, C, cols, 4, 1);                             \
 }                                                                                 \
-static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,  \
+static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,   \
                                   ptrdiff_t C, const M *cols) {                   \
-    fbn_cl_ntk_##S(x, y, n, off, C, cols, 2);                                     \
+    if (fbn_walk_down(x, y)) fbn_cl_ntk_##S(x, y, n, off, C, cols, 2, -1);        \
+    else fbn_cl_ntk_##S(x, y, n, off, C, cols, 2, 1);                             \
 }
 
 /* Channels-last training dx (op 1, dx lanes) over the n elements of a block
@@ -1569,39 +1610,51 @@ static inline int fbn_cl_dx_linev_f16(const uint16_t *x, const uint16_t *g, uint
  * elements `off` apart (off a multiple of C and of a line) at once, a whole
  * 64-byte line of each per step (two 16-lane float32 vectors, one streaming
  * store): each coefficient load serves two lines.  Heads as fbn_cl_nt_f16;
- * the rest of each span (under a line) with ordinary stores.  The same
- * operations per element as fbn_tew op 0: the same bits. */
-static inline void fbn_cl_nt2l_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
-                                   ptrdiff_t off, ptrdiff_t C, const float *cols) {
+ * the rest of each span (under a line) with ordinary stores, first.  D as
+ * fbn_cl_ntk_f16.  The same operations per element as fbn_tew op 0: the same
+ * bits. */
+static inline void fbn_cl_nt2lk_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
+                                    ptrdiff_t off, ptrdiff_t C, const float *cols,
+                                    const int D) {
     const ptrdiff_t L = C + FBN_COLPAD;
     const float *hi = cols, *a = cols + L, *b = cols + 2 * L;
     ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / 2;
-    ptrdiff_t i, c, c2, r, q;
+    ptrdiff_t i, c, c2, r, q, e, s;
+    fbn_s16 u[2], v[2];
     if (h > n) h = n;
     for (q = 0; q < 2; q++)
-        fbn_cl_nt_f16(x + q * off, y + q * off, h, C, cols);
-    c = h % C;
-    for (i = h; i + 32 <= n; i += 32) {
-        c2 = c + 16; if (c2 >= C) c2 = c2 >= 2 * C ? c2 % C : c2 - C;
-        const fbn_s16 h0 = fbn_ld_f32(hi + c), a0 = fbn_ld_f32(a + c), b0 = fbn_ld_f32(b + c),
-                      h1 = fbn_ld_f32(hi + c2), a1 = fbn_ld_f32(a + c2), b1 = fbn_ld_f32(b + c2);
-        for (q = 0; q < 2; q++) {
-            const ptrdiff_t o = q * off + i;
-            FBN_PF(x + o);
-            fbn_sst2_f16(y + o, (fbn_ld_f16(x + o) - h0) * a0 + b0,
-                         (fbn_ld_f16(x + o + 16) - h1) * a1 + b1);
-        }
-        c = c2 + 16; if (c >= C) c = c >= 2 * C ? c % C : c - C;
-    }
-    for (; i < n; i += r) {
+        fbn_cl_ntk_f16(x + q * off, y + q * off, h, 0, C, cols, 1, 1);
+    e = h + (n - h) / 32 * 32;
+    for (i = e; i < n; i += r) {
         r = n - i < 16 ? n - i : 16;
+        c = i % C;
         const fbn_s16 hv = fbn_ld_f32(hi + c), av = fbn_ld_f32(a + c), bv = fbn_ld_f32(b + c);
         for (q = 0; q < 2; q++) {
             const ptrdiff_t o = q * off + i;
             fbn_stn_f16(y + o, r, (fbn_ldn_f16(x + o, r, 0) - hv) * av + bv);
         }
-        c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;
     }
+    i = D > 0 ? h : e - 32;
+    c = e > h ? i % C : 0;
+    for (s = (e - h) / 32; s > 0; s--, i += D * 32) {
+        c2 = fbn_cstep(c, 16, C);
+        const fbn_s16 h0 = fbn_ld_f32(hi + c), a0 = fbn_ld_f32(a + c), b0 = fbn_ld_f32(b + c),
+                      h1 = fbn_ld_f32(hi + c2), a1 = fbn_ld_f32(a + c2), b1 = fbn_ld_f32(b + c2);
+        for (q = 0; q < 2; q++) {
+            const ptrdiff_t o = q * off + i;
+            FBN_PFD(x + o, D);
+            u[q] = (fbn_ld_f16(x + o) - h0) * a0 + b0;
+            v[q] = (fbn_ld_f16(x + o + 16) - h1) * a1 + b1;
+        }
+        for (q = 0; q < 2; q++)
+            fbn_sst2_f16(y + q * off + i, u[q], v[q]);
+        c = fbn_cstep(c, D * 32, C);
+    }
+}
+static inline void fbn_cl_nt2l_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
+                                   ptrdiff_t off, ptrdiff_t C, const float *cols) {
+    if (fbn_walk_down(x, y)) fbn_cl_nt2lk_f16(x, y, n, off, C, cols, -1);
+    else fbn_cl_nt2lk_f16(x, y, n, off, C, cols, 1);
 }
 
 /* ---- channels-last eval-mode backward in one loop ---------------------------

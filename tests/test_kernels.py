@@ -204,7 +204,8 @@ def stream_threshold():
     ((2, 6, 5, 5), 1), ((4, 3, 2, 2), 1),              # runs shorter than the span minimum
     ((6, 5, 3, 7), -1), ((4, 3, 3, 16), -1), ((3, 2, 2, 37), -1), ((40, 3), 1),
     ((64, 16, 8, 8), 1), ((64, 8, 8, 16), -1),          # several blocks / row blocks
-    ((5, 7, 32), -1),           # two half-blocks at once (fbn_cl_nt2) and an odd row
+    ((5, 7, 32), -1),           # an odd row (since fbn_cl_ntv, coefficients in
+                                # registers; (4, 8, 200) below takes fbn_cl_nt2)
     ((7, 5, 256), -1),          # the same with 512-byte float16 rows, a line a step
                                 # (fbn_cl_nt2l_f16)
     ((3, 5, 7, 48), -1), ((2, 9, 64), -1), ((3, 7, 24), -1),   # coefficients in registers
@@ -394,3 +395,60 @@ def test_outputs_do_not_depend_on_placement_modulo_4k(rng, dtype):
     ref = R.forward(x0.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
                     training=True, axis=-1)
     assert_close(results[0][0], ref.y, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [
+    (7, 5, 100),        # one span, coefficients loaded per vector (fbn_cl_nt)
+    (4, 8, 200),        # two half-blocks at once (fbn_cl_nt2; float16 fbn_cl_nt2l_f16)
+    (3, 7, 96),         # coefficients in registers (fbn_cl_ntv)
+    (9, 3, 2048),       # four quarter-blocks at once (fbn_cl_nt4) and rows left over
+    (2, 3, 1024),       # 4 KiB float32 rows: columns placed against y (col_phase)
+], ids=lambda s: "x".join(map(str, s)))
+def test_streamed_forward_walks_either_way_with_the_same_bits(rng, stream_threshold,
+                                                              dtype, shape):
+    """The channels-last streaming writers walk down the addresses when y
+    starts up to 2 KiB after x modulo 4 KiB, and up otherwise
+    (fbn_walk_down), with their heads and tails apart.  At every placement
+    (y from 0 to a line short of 4 KiB after x, at misaligned elements too)
+    inference, the training forward and the eval-mode dx (the forward's writer
+    on dy) must give the bits of the ordinary-store pass, and match the
+    reference."""
+    dtype = np.dtype(dtype)
+    C = shape[-1]
+    x0 = make_x(rng, shape, dtype, offset=0.75)
+    dy0 = make_x(rng, shape, dtype)
+    pdt = param_dtype(dtype)
+    w = rng.uniform(0.5, 2, C).astype(pdt)
+    b = rng.standard_normal(C).astype(pdt)
+    x = _at_offset(shape, dtype, 0)
+    dy = _at_offset(shape, dtype, 0)
+    x[...] = x0
+    dy[...] = dy0
+
+    def run(y_off):
+        out = []
+        for training in (True, False):
+            stats = fastbn.RunningStats(C, dtype=pdt)
+            stats.var[...] = 1.5
+            y = _at_offset(shape, dtype, y_off)
+            dx = _at_offset(shape, dtype, y_off)
+            _, ctx = fastbn.forward(x, w, b, stats, training=training, out=y, axis=-1,
+                                    num_threads=1)
+            out.append(y.copy())
+            if not training:
+                fastbn.backward(dy, ctx, out=dx, num_threads=1)
+                out.append(dx.copy())
+        return out
+
+    stream_threshold(1 << 62)
+    want = run(0)
+    stream_threshold(0)
+    for y_off in (0, 2, 16, 64 + 6, 1024, 2040, 2048, 3000, 4032, 4094):
+        y_off -= y_off % dtype.itemsize
+        for a, b_ in zip(want, run(y_off)):
+            np.testing.assert_array_equal(a.view(np.uint8), b_.view(np.uint8))
+    ref = R.forward(x0.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                    training=True, axis=-1)
+    assert_close(want[0], ref.y, dtype)
