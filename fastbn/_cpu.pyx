@@ -95,6 +95,8 @@ cdef extern from "_simd.h" nogil:
     int fbn_cl_ntv_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     int fbn_cl_ntv_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* cols)
     int fbn_cl_ntv_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
+    bint fbn_near_f16(const unsigned short* x, const unsigned short* y)
+    void fbn_cl_ntl_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     Py_ssize_t fbn_span_ag_f32(const float* g, float* y, Py_ssize_t i, Py_ssize_t n, Py_ssize_t r, Py_ssize_t nr, const double* cf)
     Py_ssize_t fbn_span_ag_f64(const double* g, double* y, Py_ssize_t i, Py_ssize_t n, Py_ssize_t r, Py_ssize_t nr, const double* cf)
     Py_ssize_t fbn_span_ag_f16(const unsigned short* g, unsigned short* y, Py_ssize_t i, Py_ssize_t n, Py_ssize_t r, Py_ssize_t nr, const double* cf)
@@ -356,21 +358,25 @@ cdef inline void cl_dx_cached(const data_t* x, const data_t* g, data_t* y, Py_ss
 cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
                        const void* cols, bint trained) noexcept nogil:
     """Channels-last forward element-wise over nr whole rows with streaming
-    stores, in the first of these ways that applies:
+    stores, in the first of these ways that applies (each walks down the
+    addresses or up, see fbn_walk_down):
     - rows of NT4_ROW bytes or more (2048 float32 channels), whose coefficient
       columns share L1 badly with the stream: four quarters at once
       (fbn_cl_nt4), one coefficient load per four vectors;
     - few channels (a period of at most eight vectors, e.g. 128 float32 or 64
-      float64; four for float16): one span with the coefficients in registers
-      (fbn_cl_ntv);
+      float64; four for float16, but for its near placements below): one span
+      with the coefficients in registers (fbn_cl_ntv);
     - two halves at once when the second starts on the same 64-byte phase:
       float32 / float64 a vector of each at a time (fbn_cl_nt2), float16 a
       whole line of each, two vectors (fbn_cl_nt2l_f16: half-line streaming
       stores in two streams ran 2.6x slower than one); not for float16 after
       the statistics (trained) with rows of 4 KiB or more (3-6 % slower);
-    - else one span (fbn_cl_nt)."""
+    - else one span (fbn_cl_nt; float16 with y up to 256 bytes after x
+      modulo 4 KiB, fbn_near_f16: whole lines, walking down, fbn_cl_ntl_f16)."""
     cdef Py_ssize_t h = nr // 2
     cdef Py_ssize_t q = nr // 4
+    cdef bint near = data_t is half_t and fbn_near_f16(<const unsigned short*>x,
+                                                       <const unsigned short*>y)
     if data_t is not half_t and C * <Py_ssize_t>sizeof(data_t) >= NT4_ROW and q > 0 \
             and (q * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0:
         if data_t is float:
@@ -389,7 +395,7 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
     elif data_t is double:
         if fbn_cl_ntv_f64(x, y, nr * C, C, <const double*>cols):
             return
-    else:
+    elif not near:
         if fbn_cl_ntv_f16(x, y, nr * C, C, <const float*>cols):
             return
     if h > 0 and (h * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0 and not (
@@ -409,6 +415,8 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
         fbn_cl_nt_f32(x, y, nr * C, C, <const float*>cols)
     elif data_t is double:
         fbn_cl_nt_f64(x, y, nr * C, C, <const double*>cols)
+    elif near:
+        fbn_cl_ntl_f16(x, y, nr * C, C, <const float*>cols)
     else:
         fbn_cl_nt_f16(x, y, nr * C, C, <const float*>cols)
 

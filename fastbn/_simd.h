@@ -1288,7 +1288,8 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
  * elements apart (off a multiple of C and of a 64-byte line) go at the same      \
  * time: K read streams, one coefficient load per K vectors.  D = 1 walks the     \
  * whole vectors up, D = -1 down, a step's loads before its stores (see           \
- * fbn_walk_down); the head before y's first line and the tail go first. */       \
+ * fbn_walk_down; float16, whose vectors are half lines, walks up: see            \
+ * fbn_near_f16); the head before y's first line and the tail go first. */   \
 static inline void fbn_cl_ntk_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,   \
                                   ptrdiff_t C, const M *cols, const int K,        \
                                   const int D) {                                  \
@@ -1327,7 +1328,8 @@ static inline void fbn_cl_ntk_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off, 
 }                                                                                 \
 static inline void fbn_cl_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,      \
                                  const M *cols) {                                 \
-    if (fbn_walk_down(x, y)) fbn_cl_ntk_##S(x, y, n, 0, C, cols, 1, -1);          \
+    if (W * sizeof(T) >= 64 && fbn_walk_down(x, y))                               \
+        fbn_cl_ntk_##S(x, y, n, 0, C, cols, 1, -1);                               \
     else fbn_cl_ntk_##S(x, y, n, 0, C, cols, 1, 1);                               \
 }                                                                                 \
 /* The same pass when a period of NV <= 8 vectors (P = NV W elements, a           \
@@ -1390,7 +1392,8 @@ static inline int fbn_cl_ntv_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t C,    
                                  const M *cols) {                                 \
     const ptrdiff_t nv = fbn_period(C, W);                                        \
     if (nv > (W * sizeof(T) < 64 ? 4 : 8)) return 0;                              \
-    if (fbn_walk_down(x, y)) fbn_cl_ntrs_##S(x, y, n, C, cols, nv, -1);           \
+    if (W * sizeof(T) >= 64 && fbn_walk_down(x, y))                               \
+        fbn_cl_ntrs_##S(x, y, n, C, cols, nv, -1);                                \
     else fbn_cl_ntrs_##S(x, y, n, C, cols, nv, 1);                                \
     return 1;                                                                     \
 }                                                                                 \
@@ -1615,21 +1618,21 @@ static inline int fbn_cl_dx_linev_f16(const uint16_t *x, const uint16_t *g, uint
  * bits. */
 static inline void fbn_cl_nt2lk_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
                                     ptrdiff_t off, ptrdiff_t C, const float *cols,
-                                    const int D) {
+                                    const int K, const int D) {
     const ptrdiff_t L = C + FBN_COLPAD;
     const float *hi = cols, *a = cols + L, *b = cols + 2 * L;
     ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / 2;
     ptrdiff_t i, c, c2, r, q, e, s;
     fbn_s16 u[2], v[2];
     if (h > n) h = n;
-    for (q = 0; q < 2; q++)
+    for (q = 0; q < K; q++)
         fbn_cl_ntk_f16(x + q * off, y + q * off, h, 0, C, cols, 1, 1);
     e = h + (n - h) / 32 * 32;
     for (i = e; i < n; i += r) {
         r = n - i < 16 ? n - i : 16;
         c = i % C;
         const fbn_s16 hv = fbn_ld_f32(hi + c), av = fbn_ld_f32(a + c), bv = fbn_ld_f32(b + c);
-        for (q = 0; q < 2; q++) {
+        for (q = 0; q < K; q++) {
             const ptrdiff_t o = q * off + i;
             fbn_stn_f16(y + o, r, (fbn_ldn_f16(x + o, r, 0) - hv) * av + bv);
         }
@@ -1640,21 +1643,35 @@ static inline void fbn_cl_nt2lk_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
         c2 = fbn_cstep(c, 16, C);
         const fbn_s16 h0 = fbn_ld_f32(hi + c), a0 = fbn_ld_f32(a + c), b0 = fbn_ld_f32(b + c),
                       h1 = fbn_ld_f32(hi + c2), a1 = fbn_ld_f32(a + c2), b1 = fbn_ld_f32(b + c2);
-        for (q = 0; q < 2; q++) {
+        for (q = 0; q < K; q++) {
             const ptrdiff_t o = q * off + i;
             FBN_PFD(x + o, D);
             u[q] = (fbn_ld_f16(x + o) - h0) * a0 + b0;
             v[q] = (fbn_ld_f16(x + o + 16) - h1) * a1 + b1;
         }
-        for (q = 0; q < 2; q++)
+        for (q = 0; q < K; q++)
             fbn_sst2_f16(y + q * off + i, u[q], v[q]);
         c = fbn_cstep(c, D * 32, C);
     }
 }
 static inline void fbn_cl_nt2l_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
                                    ptrdiff_t off, ptrdiff_t C, const float *cols) {
-    if (fbn_walk_down(x, y)) fbn_cl_nt2lk_f16(x, y, n, off, C, cols, -1);
-    else fbn_cl_nt2lk_f16(x, y, n, off, C, cols, 1);
+    if (fbn_walk_down(x, y)) fbn_cl_nt2lk_f16(x, y, n, off, C, cols, 2, -1);
+    else fbn_cl_nt2lk_f16(x, y, n, off, C, cols, 2, 1);
+}
+/* The float16 one-span writers (fbn_cl_nt_f16, fbn_cl_ntv_f16) store half a
+ * line per vector, and walking down with them ran 1.17x slower ((128, 64, 28,
+ * 28) channels-last inference, 1 thread, y 1 KiB after x), so they walk up.
+ * When y starts up to 256 bytes after x modulo 4 KiB (fbn_near_f16), where
+ * walking up cost 1.15-1.55x at that shape, whole lines walk down instead:
+ * two spans (fbn_cl_nt2l_f16) where they apply, else one (fbn_cl_ntl_f16). */
+static inline int fbn_near_f16(const uint16_t *x, const uint16_t *y) {
+    const uintptr_t d = ((uintptr_t)y - (uintptr_t)x) & 4095;
+    return d > 0 && d <= 256;
+}
+static inline void fbn_cl_ntl_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
+                                  ptrdiff_t C, const float *cols) {
+    fbn_cl_nt2lk_f16(x, y, n, 0, C, cols, 1, -1);
 }
 
 /* ---- channels-last eval-mode backward in one loop ---------------------------
