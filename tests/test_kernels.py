@@ -356,6 +356,31 @@ def _at_offset(shape, dtype, offset):
     return buf[start:start + n].view(dtype).reshape(shape)
 
 
+def _placed(a, offset):
+    """A copy of a whose data starts `offset` bytes past a 4 KiB boundary."""
+    out = _at_offset(a.shape, a.dtype, offset)
+    out[...] = a
+    return out
+
+
+def _run_placed(x, dy, w, b, y_off):
+    """Channels-last forward (training, then inference) of x and backward of dy,
+    one thread, into y and dx that start y_off bytes past a 4 KiB boundary:
+    [y, dx, dweight, dbias] of each mode."""
+    C = x.shape[-1]
+    out = []
+    for training in (True, False):
+        stats = fastbn.RunningStats(C, dtype=w.dtype)
+        stats.var[...] = 1.5
+        y = _at_offset(x.shape, x.dtype, y_off)
+        dx = _at_offset(x.shape, x.dtype, y_off)
+        _, ctx = fastbn.forward(x, w, b, stats, training=training, out=y, axis=-1,
+                                num_threads=1)
+        _, dw, db = fastbn.backward(dy, ctx, out=dx, num_threads=1)
+        out += [y.copy(), dx.copy(), dw, db]
+    return out
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
 def test_outputs_do_not_depend_on_placement_modulo_4k(rng, dtype):
@@ -372,23 +397,10 @@ def test_outputs_do_not_depend_on_placement_modulo_4k(rng, dtype):
     pdt = param_dtype(dtype)
     w = rng.uniform(0.5, 2, C).astype(pdt)
     b = rng.standard_normal(C).astype(pdt)
-    results = []
-    for x_off, y_off in ((0, 0), (0, 64), (0, 1024)):   # crowded, crowded, not
-        x = _at_offset(shape, dtype, x_off)
-        dy = _at_offset(shape, dtype, x_off)
-        x[...] = x0
-        dy[...] = dy0
-        out = []
-        for training in (True, False):
-            stats = fastbn.RunningStats(C, dtype=pdt)
-            stats.var[...] = 1.5
-            y = _at_offset(shape, dtype, y_off)
-            dx = _at_offset(shape, dtype, y_off)
-            _, ctx = fastbn.forward(x, w, b, stats, training=training, out=y, axis=-1,
-                                    num_threads=1)
-            _, dw, db = fastbn.backward(dy, ctx, out=dx, num_threads=1)
-            out += [y.copy(), dx.copy(), dw, db]
-        results.append(out)
+    x = _placed(x0, 0)
+    dy = _placed(dy0, 0)
+    results = [_run_placed(x, dy, w, b, y_off)
+               for y_off in (0, 64, 1024)]                 # crowded, crowded, not
     for other in results[1:]:
         for a, b_ in zip(results[0], other):
             np.testing.assert_array_equal(a.view(np.uint8), b_.view(np.uint8))
@@ -412,9 +424,9 @@ def test_streamed_forward_walks_either_way_with_the_same_bits(rng, stream_thresh
     starts up to 2 KiB after x modulo 4 KiB, and up otherwise
     (fbn_walk_down), with their heads and tails apart.  At every placement
     (y from 0 to a line short of 4 KiB after x, at misaligned elements too)
-    inference, the training forward and the eval-mode dx (the forward's writer
-    on dy) must give the bits of the ordinary-store pass, and match the
-    reference."""
+    every output of the forward and backward in both modes (the eval-mode dx
+    is the forward's writer on dy) must give the bits of the ordinary-store
+    pass, and y match the reference."""
     dtype = np.dtype(dtype)
     C = shape[-1]
     x0 = make_x(rng, shape, dtype, offset=0.75)
@@ -422,32 +434,14 @@ def test_streamed_forward_walks_either_way_with_the_same_bits(rng, stream_thresh
     pdt = param_dtype(dtype)
     w = rng.uniform(0.5, 2, C).astype(pdt)
     b = rng.standard_normal(C).astype(pdt)
-    x = _at_offset(shape, dtype, 0)
-    dy = _at_offset(shape, dtype, 0)
-    x[...] = x0
-    dy[...] = dy0
-
-    def run(y_off):
-        out = []
-        for training in (True, False):
-            stats = fastbn.RunningStats(C, dtype=pdt)
-            stats.var[...] = 1.5
-            y = _at_offset(shape, dtype, y_off)
-            dx = _at_offset(shape, dtype, y_off)
-            _, ctx = fastbn.forward(x, w, b, stats, training=training, out=y, axis=-1,
-                                    num_threads=1)
-            out.append(y.copy())
-            if not training:
-                fastbn.backward(dy, ctx, out=dx, num_threads=1)
-                out.append(dx.copy())
-        return out
-
+    x = _placed(x0, 0)
+    dy = _placed(dy0, 0)
     stream_threshold(1 << 62)
-    want = run(0)
+    want = _run_placed(x, dy, w, b, 0)
     stream_threshold(0)
     for y_off in (0, 2, 16, 64 + 6, 1024, 2040, 2048, 3000, 4032, 4094):
         y_off -= y_off % dtype.itemsize
-        for a, b_ in zip(want, run(y_off)):
+        for a, b_ in zip(want, _run_placed(x, dy, w, b, y_off)):
             np.testing.assert_array_equal(a.view(np.uint8), b_.view(np.uint8))
     ref = R.forward(x0.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
                     training=True, axis=-1)
