@@ -363,6 +363,17 @@ def _placed(a, offset):
     return out
 
 
+def _placed_inputs(rng, shape, dtype, offset):
+    """Channels-last x (offset by `offset`), dy, weight and bias, x and dy on a
+    4 KiB boundary: (x as made, x, dy, w, b)."""
+    C = shape[-1]
+    x0 = make_x(rng, shape, dtype, offset=offset)
+    pdt = param_dtype(dtype)
+    w = rng.uniform(0.5, 2, C).astype(pdt)
+    b = rng.standard_normal(C).astype(pdt)
+    return x0, _placed(x0, 0), _placed(make_x(rng, shape, dtype), 0), w, b
+
+
 def _run_placed(x, dy, w, b, y_off):
     """Channels-last forward (training, then inference) of x and backward of dy,
     one thread, into y and dx that start y_off bytes past a 4 KiB boundary:
@@ -392,13 +403,7 @@ def test_outputs_do_not_depend_on_placement_modulo_4k(rng, dtype):
     dtype = np.dtype(dtype)
     C = 4096 // dtype.itemsize
     shape = (37, C)
-    x0 = make_x(rng, shape, dtype, offset=1.5)
-    dy0 = make_x(rng, shape, dtype)
-    pdt = param_dtype(dtype)
-    w = rng.uniform(0.5, 2, C).astype(pdt)
-    b = rng.standard_normal(C).astype(pdt)
-    x = _placed(x0, 0)
-    dy = _placed(dy0, 0)
+    x0, x, dy, w, b = _placed_inputs(rng, shape, dtype, 1.5)
     results = [_run_placed(x, dy, w, b, y_off)
                for y_off in (0, 64, 1024)]                 # crowded, crowded, not
     for other in results[1:]:
@@ -428,14 +433,7 @@ def test_streamed_forward_walks_either_way_with_the_same_bits(rng, stream_thresh
     is the forward's writer on dy) must give the bits of the ordinary-store
     pass, and y match the reference."""
     dtype = np.dtype(dtype)
-    C = shape[-1]
-    x0 = make_x(rng, shape, dtype, offset=0.75)
-    dy0 = make_x(rng, shape, dtype)
-    pdt = param_dtype(dtype)
-    w = rng.uniform(0.5, 2, C).astype(pdt)
-    b = rng.standard_normal(C).astype(pdt)
-    x = _placed(x0, 0)
-    dy = _placed(dy0, 0)
+    x0, x, dy, w, b = _placed_inputs(rng, shape, dtype, 0.75)
     stream_threshold(1 << 62)
     want = _run_placed(x, dy, w, b, 0)
     stream_threshold(0)
