@@ -96,6 +96,7 @@ cdef extern from "_simd.h" nogil:
     int fbn_cl_ntv_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* cols)
     int fbn_cl_ntv_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     bint fbn_near_f16(const unsigned short* x, const unsigned short* y)
+    Py_ssize_t fbn_gcd(Py_ssize_t a, Py_ssize_t b)
     void fbn_cl_ntl_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     Py_ssize_t fbn_span_ag_f32(const float* g, float* y, Py_ssize_t i, Py_ssize_t n, Py_ssize_t r, Py_ssize_t nr, const double* cf)
     Py_ssize_t fbn_span_ag_f64(const double* g, double* y, Py_ssize_t i, Py_ssize_t n, Py_ssize_t r, Py_ssize_t nr, const double* cf)
@@ -1173,10 +1174,8 @@ cdef inline void* col_phase(const data_t* x, double* p, const void* y,
     cdef size_t yl = (<size_t>y + 63) & ~(<size_t>63)          # y's first line
     cdef size_t e = (yl - <size_t>y) // sizeof(data_t) % <size_t>C
     cdef size_t lo = <size_t>p + e * sz                      # channel e's least place
-    cdef size_t g = 4096
+    cdef size_t g = <size_t>fbn_gcd(4096, C * <Py_ssize_t>sizeof(data_t))
     cdef size_t t
-    while (C * sizeof(data_t)) % g:
-        g //= 2
     if sz != sizeof(data_t) or g < 128:
         return <void*>(((lo + 63) & ~(<size_t>63)) - e * sz)
     # channel e at y's line less half of g and the padding (the three

@@ -158,8 +158,12 @@ static inline fbn_f8 fbn_d8_to_f8(fbn_d8 v) { return __builtin_convertvector(v, 
  * up, the store a load of x aliases is d = (y - x) mod 4 KiB bytes behind it;
  * walking down, 4 KiB - d.  So the streaming writers walk down when y starts
  * up to 2 KiB after x, and load a step's spans before they store them. */
+/* How many bytes out starts after in, modulo 4 KiB. */
+static inline uintptr_t fbn_ahead(const void *in, const void *out) {
+    return ((uintptr_t)out - (uintptr_t)in) & 4095;
+}
 static inline int fbn_walk_down(const void *in, const void *out) {
-    const uintptr_t d = ((uintptr_t)out - (uintptr_t)in) & 4095;
+    const uintptr_t d = fbn_ahead(in, out);
     return d > 0 && d < 2048;
 }
 /* Channel index c + dc reduced to [0, C). */
@@ -405,7 +409,7 @@ static inline ptrdiff_t fbn_rparts(ptrdiff_t row_bytes, ptrdiff_t hp) {
  * rows.  (512, 2048) float32, 1 thread, best of 7 per placement: see
  * BENCHMARKS.md ("Placement: L1 sets"). */
 static inline int fbn_set_crowd(ptrdiff_t row_bytes, const void *in, const void *out) {
-    const uintptr_t d = ((uintptr_t)out - (uintptr_t)in) & 4095;
+    const uintptr_t d = fbn_ahead(in, out);
     return row_bytes % 4096 == 0 && (d < 128 || d >= 4096 - 32);
 }
 
@@ -1666,7 +1670,7 @@ static inline void fbn_cl_nt2l_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
  * walking up cost 1.15-1.55x at that shape, whole lines walk down instead:
  * two spans (fbn_cl_nt2l_f16) where they apply, else one (fbn_cl_ntl_f16). */
 static inline int fbn_near_f16(const uint16_t *x, const uint16_t *y) {
-    const uintptr_t d = ((uintptr_t)y - (uintptr_t)x) & 4095;
+    const uintptr_t d = fbn_ahead(x, y);
     return d > 0 && d <= 256;
 }
 static inline void fbn_cl_ntl_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
