@@ -104,6 +104,9 @@ cdef extern from "_simd.h" nogil:
     void fbn_span_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_nt_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_nt_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
+    bint fbn_span_down_f32(const float* x, const float* y)
+    bint fbn_span_down_f64(const double* x, const double* y)
+    bint fbn_span_down_f16(const unsigned short* x, const unsigned short* y)
     void fbn_sums_f32(const float* x, Py_ssize_t n, double shift, float fill, double* acc)
     void fbn_gsums_f32(const float* x, const float* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t n, double mean, double a, double b, double k)
@@ -302,6 +305,16 @@ cdef inline void span_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t nr
         fbn_span_nt_f64(x, y, n, nr, c, C, cf)
     else:
         fbn_span_nt_f16(x, y, n, nr, c, C, cf)
+
+
+cdef inline bint span_down(const data_t* x, const data_t* y) noexcept nogil:
+    """Whether span_nt from x to y walks down the addresses (fbn_span_down)."""
+    if data_t is float:
+        return fbn_span_down_f32(x, y)
+    elif data_t is double:
+        return fbn_span_down_f64(x, y)
+    else:
+        return fbn_span_down_f16(x, y)
 
 
 cdef inline Py_ssize_t span_ag(const data_t* g, data_t* y, Py_ssize_t i, Py_ssize_t n,
@@ -613,6 +626,15 @@ cdef inline void nchw_reduce_chunk(Job* j, const data_t* x, Py_ssize_t c, Py_ssi
         nchw_reduce_run(j, x, nn, c, lo, hi, q, grad, shift, part_c)
 
 
+cdef inline bint ew_down(Job* j, const data_t* x, int op) noexcept nogil:
+    """Whether nchw_ew_runs's op walks down the addresses (span_down), so that
+    its callers take their spans last first: a walk down each span but up
+    across them ran 7-15 % slower than up throughout (float64 64x64x32x32
+    inference, one thread)."""
+    return op != 1 and j.stream and j.S >= SPAN_MIN and span_down(
+        x if op == 0 else <const data_t*>j.dy, <const data_t*>j.y)
+
+
 cdef inline void nchw_ew_runs(Job* j, const data_t* x, int op, Py_ssize_t r0, Py_ssize_t r1,
                               const double* cf) noexcept nogil:
     """Element-wise op on runs r0..r1 in memory order (run r is sample r // C,
@@ -836,8 +858,10 @@ cdef inline void nchw_block(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c
                                 &part[16 * c * nq])
         n0 = n1
     nchw_coefs(j, x, c0, c1, nq, train, fwd, True, part, tot, cf, rm, rv, w, b)
+    cdef bint down = ew_down(j, x, op)
     for nn in range(N):
-        nchw_ew_runs(j, x, op, nn * j.C + c0, nn * j.C + c1, cf)
+        n0 = N - 1 - nn if down else nn
+        nchw_ew_runs(j, x, op, n0 * j.C + c0, n0 * j.C + c1, cf)
 
 
 cdef inline void nchw_reduce_task(Job* j, const data_t* x, Py_ssize_t t, Py_ssize_t nq,
@@ -851,11 +875,12 @@ cdef inline void nchw_reduce_task(Job* j, const data_t* x, Py_ssize_t t, Py_ssiz
 cdef inline void nchw_ew_share(Job* j, const data_t* x, int op, Py_ssize_t tid, Py_ssize_t nt,
                                Py_ssize_t nr, Py_ssize_t rpt, bint reduce,
                                const double* cf) noexcept nogil:
-    """Thread tid's share of the nr element-wise tasks of rpt runs; after a
-    reduction last first (see nhwc_run)."""
+    """Thread tid's share of the nr element-wise tasks of rpt runs; last first
+    after a reduction (see nhwc_run) and where the spans walk down (ew_down)."""
     cdef Py_ssize_t u, t, r1
+    cdef bint down = reduce or ew_down(j, x, op)
     for u in range((tid * nr) // nt, ((tid + 1) * nr) // nt):
-        t = ((tid + 1) * nr) // nt - 1 - (u - (tid * nr) // nt) if reduce else u
+        t = ((tid + 1) * nr) // nt - 1 - (u - (tid * nr) // nt) if down else u
         r1 = (t + 1) * rpt
         if r1 > j.N * j.C:
             r1 = j.N * j.C

@@ -166,6 +166,17 @@ static inline int fbn_walk_down(const void *in, const void *out) {
     const uintptr_t d = fbn_ahead(in, out);
     return d > 0 && d < 2048;
 }
+/* The float16 one-span writers (fbn_cl_nt_f16, fbn_cl_ntv_f16) store half a
+ * line per vector, and walking down with them ran 1.17x slower ((128, 64, 28,
+ * 28) channels-last inference, 1 thread, y 1 KiB after x), so they walk up.
+ * When y starts up to 256 bytes after x modulo 4 KiB (fbn_near_f16), where
+ * walking up cost 1.15-1.55x at that shape, whole lines walk down instead:
+ * two spans (fbn_cl_nt2l_f16) where they apply, else one (fbn_cl_ntl_f16);
+ * channels-first, fbn_span_ntd_f16. */
+static inline int fbn_near_f16(const void *x, const void *y) {
+    const uintptr_t d = fbn_ahead(x, y);
+    return d > 0 && d <= 256;
+}
 /* Channel index c + dc reduced to [0, C). */
 static inline ptrdiff_t fbn_cstep(ptrdiff_t c, ptrdiff_t dc, ptrdiff_t C) {
     c += dc;
@@ -635,6 +646,11 @@ static inline fbn_d8 fbn_blend_f64(ptrdiff_t n, fbn_d8 a, fbn_d8 b) {
     return (fbn_d8)(((fbn_l8)a & m) | ((fbn_l8)b & ~m));
 }
 #endif
+/* One 64-byte line of y from its vectors, streamed (float16: two half-line
+ * vectors in one store). */
+static inline void fbn_sstl_f32(float *p, const fbn_s16 *v) { fbn_sst_f32(p, v[0]); }
+static inline void fbn_sstl_f64(double *p, const fbn_d8 *v) { fbn_sst_f64(p, v[0]); }
+static inline void fbn_sstl_f16(uint16_t *p, const fbn_s16 *v) { fbn_sst2_f16(p, v[0], v[1]); }
 
 /* ---- training dx lanes ------------------------------------------------------
  * Eight lanes per vector: float64 for float32 and float64 data, float32 for
@@ -956,9 +972,10 @@ static inline void fbn_ew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t n,
  * vectors regardless of run boundaries (a vector straddling one takes its     \
  * lanes' coefficients from both runs), so every whole line of y is written    \
  * without being read first.  Needs n >= W (one boundary per vector at most).  \
- * The same operations per element as fbn_ew op 0: the same bits. */           \
-static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr,   \
-                                   ptrdiff_t c, ptrdiff_t C, const double *cf) {   \
+ * The same operations per element as fbn_ew op 0: the same bits.  This one     \
+ * walks up the addresses; fbn_span_nt (below) picks the direction. */          \
+static inline void fbn_span_ntu_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr,  \
+                                    ptrdiff_t c, ptrdiff_t C, const double *cf) {  \
     const ptrdiff_t total = n * nr;                                               \
     ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
     ptrdiff_t i, r = 0, end;                                                      \
@@ -1000,6 +1017,75 @@ static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr, 
                    cf[4 * c + 2], 0.0);                                           \
         i = stop; c = c + 1 == C ? 0 : c + 1; end += n;                           \
     }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* fbn_span_nt walking down the addresses (see fbn_walk_down), a whole 64-byte    \
+ * line a step (LV vectors: two for float16, whose vectors are half lines),       \
+ * the line's vectors loaded before its store.  The head before y's first line    \
+ * and the tail after its last go first, with ordinary stores.  Each vector's     \
+ * lanes take their run's coefficients as in fbn_span_nt: the same bits. */       \
+static inline void fbn_span_ntd_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr,  \
+                                    ptrdiff_t c, ptrdiff_t C, const double *cf) { \
+    enum { LV = 64 / (W * sizeof(T)) };                                           \
+    const ptrdiff_t total = n * nr, LW = LV * W;                                  \
+    ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
+    ptrdiff_t i, e, r, cc, start, stop;                                           \
+    M hi, bf;                                                                     \
+    V H, A, B, Hn, An, Bn, v[LV];                                                 \
+    if (h > total) h = total;                                                     \
+    if (h > 0) fbn_ew_##S(0, x, NULL, y, h, cf[4 * c], cf[4 * c + 1], cf[4 * c + 2], 0.0); \
+    e = h + (total - h) / LW * LW;            /* whole lines: [h, e) */           \
+    for (i = e, r = e / n, cc = fbn_cstep(c, r, C); i < total; i = stop, r++) {   \
+        stop = (r + 1) * n < total ? (r + 1) * n : total;                         \
+        fbn_ew_##S(0, x + i, NULL, y + i, stop - i, cf[4 * cc], cf[4 * cc + 1],   \
+                   cf[4 * cc + 2], 0.0);                                          \
+        cc = cc + 1 == C ? 0 : cc + 1;                                            \
+    }                                                                             \
+    if (e == h) return;                                                           \
+    r = (e - W) / n;                          /* the run of the top vector's lane 0 */ \
+    start = r * n;                                                                \
+    cc = fbn_cstep(c, r, C);                                                      \
+    fbn_fold_##VS(cf[4 * cc], cf[4 * cc + 1], cf[4 * cc + 2], &hi, &bf);          \
+    H = SPLAT(hi); A = SPLAT((M)cf[4 * cc + 1]); B = SPLAT(bf);                   \
+    r = cc + 1 == C ? 0 : cc + 1;             /* the next run's channel */        \
+    fbn_fold_##VS(cf[4 * r], cf[4 * r + 1], cf[4 * r + 2], &hi, &bf);             \
+    Hn = SPLAT(hi); An = SPLAT((M)cf[4 * r + 1]); Bn = SPLAT(bf);                 \
+    for (i = e - LW; i >= h; i -= LW) {                                           \
+        FBN_PFD(x + i, -1);                                                       \
+        for (int k = LV - 1; k >= 0; k--) {                                       \
+            const ptrdiff_t j = i + k * W;                                        \
+            if (j < start) {                  /* down to the run before */        \
+                Hn = H; An = A; Bn = B; start -= n;                               \
+                cc = cc == 0 ? C - 1 : cc - 1;                                    \
+                fbn_fold_##VS(cf[4 * cc], cf[4 * cc + 1], cf[4 * cc + 2], &hi, &bf); \
+                H = SPLAT(hi); A = SPLAT((M)cf[4 * cc + 1]); B = SPLAT(bf);       \
+            }                                                                     \
+            const V u = fbn_ld_##S(x + j);                                        \
+            if (j + W <= start + n) {                                             \
+                v[k] = (u - H) * A + B;                                           \
+            } else {                          /* lanes from start + n: the next run */ \
+                const ptrdiff_t q = start + n - j;                                \
+                v[k] = (u - fbn_blend_##VS(q, H, Hn)) * fbn_blend_##VS(q, A, An)  \
+                       + fbn_blend_##VS(q, B, Bn);                                \
+            }                                                                     \
+        }                                                                         \
+        fbn_sstl_##S(y + i, v);                                                   \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* The channels-first forward writer: down the addresses where y starts just      \
+ * after x modulo 4 KiB (fbn_walk_down; float16 fbn_near_f16), else up.  In       \
+ * that window walking up cost 1.2-1.35x (float64 64x64x32x32 inference, one      \
+ * thread) and 1.15-1.53x (float16 256x256x14x14).  The caller takes its          \
+ * spans in the same direction (nchw_ew_share). */                                \
+static inline int fbn_span_down_##S(const T *x, const T *y) {                     \
+    return W * sizeof(T) >= 64 ? fbn_walk_down(x, y) : fbn_near_f16(x, y);        \
+}                                                                                 \
+static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr,   \
+                                   ptrdiff_t c, ptrdiff_t C, const double *cf) {  \
+    if (fbn_span_down_##S(x, y))                                                  \
+        fbn_span_ntd_##S(x, y, n, nr, c, C, cf);                                  \
+    else fbn_span_ntu_##S(x, y, n, nr, c, C, cf);                                 \
 }                                                                                 \
                                                                                   \
 /* Channels-first training dx (op 1, dx lanes as fbn_dx8) over nr              \
@@ -1663,16 +1749,7 @@ static inline void fbn_cl_nt2l_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
     if (fbn_walk_down(x, y)) fbn_cl_nt2lk_f16(x, y, n, off, C, cols, 2, -1);
     else fbn_cl_nt2lk_f16(x, y, n, off, C, cols, 2, 1);
 }
-/* The float16 one-span writers (fbn_cl_nt_f16, fbn_cl_ntv_f16) store half a
- * line per vector, and walking down with them ran 1.17x slower ((128, 64, 28,
- * 28) channels-last inference, 1 thread, y 1 KiB after x), so they walk up.
- * When y starts up to 256 bytes after x modulo 4 KiB (fbn_near_f16), where
- * walking up cost 1.15-1.55x at that shape, whole lines walk down instead:
- * two spans (fbn_cl_nt2l_f16) where they apply, else one (fbn_cl_ntl_f16). */
-static inline int fbn_near_f16(const uint16_t *x, const uint16_t *y) {
-    const uintptr_t d = fbn_ahead(x, y);
-    return d > 0 && d <= 256;
-}
+/* The float16 one-span writers: see fbn_near_f16. */
 static inline void fbn_cl_ntl_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
                                   ptrdiff_t C, const float *cols) {
     fbn_cl_nt2lk_f16(x, y, n, 0, C, cols, 1, -1);

@@ -363,10 +363,10 @@ def _placed(a, offset):
     return out
 
 
-def _placed_inputs(rng, shape, dtype, offset):
-    """Channels-last x (offset by `offset`), dy, weight and bias, x and dy on a
-    4 KiB boundary: (x as made, x, dy, w, b)."""
-    C = shape[-1]
+def _placed_inputs(rng, shape, dtype, offset, axis=-1):
+    """x (offset by `offset`), dy, weight and bias for channels on `axis`, x
+    and dy on a 4 KiB boundary: (x as made, x, dy, w, b)."""
+    C = shape[axis]
     x0 = make_x(rng, shape, dtype, offset=offset)
     pdt = param_dtype(dtype)
     w = rng.uniform(0.5, 2, C).astype(pdt)
@@ -374,18 +374,18 @@ def _placed_inputs(rng, shape, dtype, offset):
     return x0, _placed(x0, 0), _placed(make_x(rng, shape, dtype), 0), w, b
 
 
-def _run_placed(x, dy, w, b, y_off):
-    """Channels-last forward (training, then inference) of x and backward of dy,
-    one thread, into y and dx that start y_off bytes past a 4 KiB boundary:
-    [y, dx, dweight, dbias] of each mode."""
-    C = x.shape[-1]
+def _run_placed(x, dy, w, b, y_off, axis=-1):
+    """Forward (training, then inference) of x and backward of dy, channels on
+    `axis`, one thread, into y and dx that start y_off bytes past a 4 KiB
+    boundary: [y, dx, dweight, dbias] of each mode."""
+    C = x.shape[axis]
     out = []
     for training in (True, False):
         stats = fastbn.RunningStats(C, dtype=w.dtype)
         stats.var[...] = 1.5
         y = _at_offset(x.shape, x.dtype, y_off)
         dx = _at_offset(x.shape, x.dtype, y_off)
-        _, ctx = fastbn.forward(x, w, b, stats, training=training, out=y, axis=-1,
+        _, ctx = fastbn.forward(x, w, b, stats, training=training, out=y, axis=axis,
                                 num_threads=1)
         _, dw, db = fastbn.backward(dy, ctx, out=dx, num_threads=1)
         out += [y.copy(), dx.copy(), dw, db]
@@ -443,4 +443,42 @@ def test_streamed_forward_walks_either_way_with_the_same_bits(rng, stream_thresh
             np.testing.assert_array_equal(a.view(np.uint8), b_.view(np.uint8))
     ref = R.forward(x0.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
                     training=True, axis=-1)
+    assert_close(want[0], ref.y, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [
+    (5, 7, 40),         # runs of 40: vectors straddle runs at varying lanes
+    (3, 4, 32),         # the shortest streamed runs (SPAN_MIN)
+    (2, 3, 1000),       # long runs, several lines each
+], ids=lambda s: "x".join(map(str, s)))
+def test_channels_first_streamed_forward_walks_either_way_with_the_same_bits(
+        rng, stream_threshold, dtype, shape):
+    """The channels-first streaming writer (fbn_span_nt) walks down the
+    addresses when y starts just after x modulo 4 KiB (up to 2 KiB; float16,
+    a whole line a step, up to 256 bytes), and up otherwise, with the head
+    and tail apart and vectors across run boundaries.  At every placement all
+    outputs of the forward and backward in both modes (and the eval-mode dx
+    without affine parameters, the writer on dy) must give the bits of the
+    ordinary-store pass, and y match the reference."""
+    dtype = np.dtype(dtype)
+    x0, x, dy, w, b = _placed_inputs(rng, shape, dtype, 0.75, axis=1)
+
+    def run(y_off):
+        plain = fastbn.RunningStats(shape[1], dtype=w.dtype)
+        _, ctx = fastbn.forward(x, stats=plain, training=False, num_threads=1)
+        dx = _at_offset(shape, dtype, y_off)
+        fastbn.backward(dy, ctx, out=dx, num_threads=1)
+        return _run_placed(x, dy, w, b, y_off, axis=1) + [dx]
+
+    stream_threshold(1 << 62)
+    want = run(0)
+    stream_threshold(0)
+    for y_off in (0, 2, 16, 64 + 6, 200, 1024, 2040, 2048, 3000, 4032, 4094):
+        y_off -= y_off % dtype.itemsize
+        for a, b_ in zip(want, run(y_off)):
+            np.testing.assert_array_equal(a.view(np.uint8), b_.view(np.uint8))
+    ref = R.forward(x0.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                    training=True, axis=1)
     assert_close(want[0], ref.y, dtype)
