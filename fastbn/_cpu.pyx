@@ -107,6 +107,9 @@ cdef extern from "_simd.h" nogil:
     bint fbn_span_down_f32(const float* x, const float* y)
     bint fbn_span_down_f64(const double* x, const double* y)
     bint fbn_span_down_f16(const unsigned short* x, const unsigned short* y)
+    bint fbn_span_dx_down_f32(const float* x, const float* g, const float* y)
+    bint fbn_span_dx_down_f64(const double* x, const double* g, const double* y)
+    bint fbn_span_dx_down_f16(const unsigned short* x, const unsigned short* g, const unsigned short* y)
     void fbn_sums_f32(const float* x, Py_ssize_t n, double shift, float fill, double* acc)
     void fbn_gsums_f32(const float* x, const float* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t n, double mean, double a, double b, double k)
@@ -307,8 +310,19 @@ cdef inline void span_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t nr
         fbn_span_nt_f16(x, y, n, nr, c, C, cf)
 
 
-cdef inline bint span_down(const data_t* x, const data_t* y) noexcept nogil:
-    """Whether span_nt from x to y walks down the addresses (fbn_span_down)."""
+cdef inline bint span_down(const data_t* x, const data_t* g, const data_t* y,
+                           int op) noexcept nogil:
+    """Whether span_nt (op 0: from x, op 2: from g) or span_dx_nt (op 1) walks
+    down the addresses (fbn_span_down, fbn_span_dx_down)."""
+    if op == 1:
+        if data_t is float:
+            return fbn_span_dx_down_f32(x, g, y)
+        elif data_t is double:
+            return fbn_span_dx_down_f64(x, g, y)
+        else:
+            return fbn_span_dx_down_f16(x, g, y)
+    if op == 2:
+        x = g
     if data_t is float:
         return fbn_span_down_f32(x, y)
     elif data_t is double:
@@ -631,8 +645,8 @@ cdef inline bint ew_down(Job* j, const data_t* x, int op) noexcept nogil:
     its callers take their spans last first: a walk down each span but up
     across them ran 7-15 % slower than up throughout (float64 64x64x32x32
     inference, one thread)."""
-    return op != 1 and j.stream and j.S >= SPAN_MIN and span_down(
-        x if op == 0 else <const data_t*>j.dy, <const data_t*>j.y)
+    return j.stream and j.S >= SPAN_MIN and span_down(x, <const data_t*>j.dy,
+                                                      <const data_t*>j.y, op)
 
 
 cdef inline void nchw_ew_runs(Job* j, const data_t* x, int op, Py_ssize_t r0, Py_ssize_t r1,
