@@ -76,6 +76,8 @@ cdef extern from "_simd.h" nogil:
     Py_ssize_t FBN_COLPAD
     void fbn_cl_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
+    void fbn_cl_dx_ntd_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
+    void fbn_cl_dx_ntd_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     int fbn_cl_dx_ntv_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     int fbn_cl_dx_ntv_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_line_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
@@ -107,9 +109,9 @@ cdef extern from "_simd.h" nogil:
     bint fbn_span_down_f32(const float* x, const float* y)
     bint fbn_span_down_f64(const double* x, const double* y)
     bint fbn_span_down_f16(const unsigned short* x, const unsigned short* y)
-    bint fbn_span_dx_down_f32(const float* x, const float* g, const float* y)
-    bint fbn_span_dx_down_f64(const double* x, const double* g, const double* y)
-    bint fbn_span_dx_down_f16(const unsigned short* x, const unsigned short* g, const unsigned short* y)
+    bint fbn_dx_down_f32(const float* x, const float* g, const float* y)
+    bint fbn_dx_down_f64(const double* x, const double* g, const double* y)
+    bint fbn_dx_down_f16(const unsigned short* x, const unsigned short* g, const unsigned short* y)
     void fbn_sums_f32(const float* x, Py_ssize_t n, double shift, float fill, double* acc)
     void fbn_gsums_f32(const float* x, const float* g, Py_ssize_t n, double mean, double* acc)
     void fbn_ew_f32(int op, const float* x, const float* g, float* y, Py_ssize_t n, double mean, double a, double b, double k)
@@ -313,14 +315,14 @@ cdef inline void span_nt(const data_t* x, data_t* y, Py_ssize_t n, Py_ssize_t nr
 cdef inline bint span_down(const data_t* x, const data_t* g, const data_t* y,
                            int op) noexcept nogil:
     """Whether span_nt (op 0: from x, op 2: from g) or span_dx_nt (op 1) walks
-    down the addresses (fbn_span_down, fbn_span_dx_down)."""
+    down the addresses (fbn_span_down, fbn_dx_down)."""
     if op == 1:
         if data_t is float:
-            return fbn_span_dx_down_f32(x, g, y)
+            return fbn_dx_down_f32(x, g, y)
         elif data_t is double:
-            return fbn_span_dx_down_f64(x, g, y)
+            return fbn_dx_down_f64(x, g, y)
         else:
-            return fbn_span_dx_down_f16(x, g, y)
+            return fbn_dx_down_f16(x, g, y)
     if op == 2:
         x = g
     if data_t is float:
@@ -359,12 +361,18 @@ cdef inline void span_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssiz
 cdef inline void cl_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssize_t n,
                           Py_ssize_t C, const double* dcols) noexcept nogil:
     """Channels-last training dx over n elements of whole rows with streaming
-    stores (fbn_cl_dx_nt; float16: fbn_cl_dx_line_f16, a line per step)."""
+    stores (fbn_cl_dx_nt; float16: fbn_cl_dx_line_f16, a line per step);
+    down the addresses a line a step when y starts just after x or g modulo
+    4 KiB (fbn_dx_down: fbn_cl_dx_ntd)."""
     if data_t is float:
-        if not fbn_cl_dx_ntv_f32(x, g, y, n, C, dcols):
+        if fbn_dx_down_f32(x, g, y):
+            fbn_cl_dx_ntd_f32(x, g, y, n, C, dcols)
+        elif not fbn_cl_dx_ntv_f32(x, g, y, n, C, dcols):
             fbn_cl_dx_nt_f32(x, g, y, n, C, dcols)
     elif data_t is double:
-        if not fbn_cl_dx_ntv_f64(x, g, y, n, C, dcols):
+        if fbn_dx_down_f64(x, g, y):
+            fbn_cl_dx_ntd_f64(x, g, y, n, C, dcols)
+        elif not fbn_cl_dx_ntv_f64(x, g, y, n, C, dcols):
             fbn_cl_dx_nt_f64(x, g, y, n, C, dcols)
     elif not fbn_cl_dx_linev_f16(x, g, y, n, C, dcols):
         fbn_cl_dx_line_f16(x, g, y, n, C, dcols)

@@ -1224,13 +1224,13 @@ static inline void fbn_span_dx_ntd_##S(const T *x, const T *g, T *y, ptrdiff_t n
  * where y starts up to 256 bytes after x or g modulo 4 KiB (fbn_near_f16),       \
  * else up a vector a step.  In that window walking up cost 1.2-1.3x (float32     \
  * 256x256x14x14, one thread); down from 256 bytes to 2 KiB, 1.03-1.13x. */       \
-static inline int fbn_span_dx_down_##S(const T *x, const T *g, const T *y) {      \
+static inline int fbn_dx_down_##S(const T *x, const T *g, const T *y) {      \
     return fbn_near_f16(x, y) || fbn_near_f16(g, y);                              \
 }                                                                                 \
 static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  \
                                       ptrdiff_t nr, ptrdiff_t c, ptrdiff_t C,     \
                                       const double *cf) {                         \
-    if (fbn_span_dx_down_##S(x, g, y)) fbn_span_dx_ntd_##S(x, g, y, n, nr, c, C, cf); \
+    if (fbn_dx_down_##S(x, g, y)) fbn_span_dx_ntd_##S(x, g, y, n, nr, c, C, cf); \
     else fbn_span_dx_ntv_##S(x, g, y, n, nr, c, C, cf);                           \
 }                                                                                 \
                                                                                   \
@@ -1626,6 +1626,43 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
                                        fbn_xld_##S(x + i), m, K));                \
         }                                                                         \
         i += r; c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;               \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* fbn_cl_dx_nt walking down the addresses a whole 64-byte line a step (two       \
+ * 8-lane vectors of float32 data, one of float64; the line's vectors from the    \
+ * top, then one streaming store), for dx just after x or g modulo 4 KiB          \
+ * (fbn_dx_down).  The head before y's first line and the tail after its last     \
+ * go first.  The same bits as fbn_cl_dx_nt. */                                   \
+static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(const T *x, const T *g,   \
+                                                       T *y, ptrdiff_t n,         \
+                                                       ptrdiff_t C,               \
+                                                       const double *dcols) {     \
+    enum { LV = 64 / (8 * sizeof(T)) };                                           \
+    const ptrdiff_t L = C + FBN_COLPAD, LW = 8 * LV;                              \
+    ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
+    ptrdiff_t i, e, c, r;                                                         \
+    fbn_x8_##S v[LV];                                                             \
+    if (h > n) h = n;                                                             \
+    e = h + (n - h) / LW * LW;                /* whole lines: [h, e) */           \
+    fbn_cl_dx_nt_##S(x, g, y, h, C, dcols);   /* the head, from channel 0 */      \
+    for (i = e, c = e % C; i < n; i += r, c = fbn_cstep(c, r, C)) {   /* the tail */ \
+        r = n - i < 8 ? n - i : 8;                                                \
+        fbn_xstn_##S(y + i, r, FBN_DX(FOLD, fbn_xfma_##S, fbn_xdc_##S(dcols, L + c), \
+                                      fbn_xldn_##S(g + i, r, 0), fbn_xdc_##S(dcols, 2 * L + c), \
+                                      fbn_xldn_##S(x + i, r, 0), fbn_xdc_##S(dcols, c), \
+                                      fbn_xdc_##S(dcols, 3 * L + c)));            \
+    }                                                                             \
+    c = e > h ? (e - LW) % C : 0;                                                 \
+    for (i = e - LW; i >= h; i -= LW, c = fbn_cstep(c, -LW, C)) {                 \
+        FBN_PFD(x + i, -1); FBN_PFD(g + i, -1);                                   \
+        for (int k = LV - 1; k >= 0; k--) {                                       \
+            const ptrdiff_t j = i + 8 * k, ck = fbn_cstep(c, 8 * k, C);           \
+            v[k] = FBN_DX(FOLD, fbn_xfma_##S, fbn_xdc_##S(dcols, L + ck), fbn_xld_##S(g + j), \
+                          fbn_xdc_##S(dcols, 2 * L + ck), fbn_xld_##S(x + j),     \
+                          fbn_xdc_##S(dcols, ck), fbn_xdc_##S(dcols, 3 * L + ck)); \
+        }                                                                         \
+        fbn_xsstl_##S(y + i, v);                                                  \
     }                                                                             \
 }                                                                                 \
                                                                                   \
