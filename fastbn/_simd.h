@@ -646,11 +646,17 @@ static inline fbn_d8 fbn_blend_f64(ptrdiff_t n, fbn_d8 a, fbn_d8 b) {
     return (fbn_d8)(((fbn_l8)a & m) | ((fbn_l8)b & ~m));
 }
 #endif
-/* One 64-byte line of y from its vectors, streamed (float16: two half-line
- * vectors in one store). */
-static inline void fbn_sstl_f32(float *p, const fbn_s16 *v) { fbn_sst_f32(p, v[0]); }
-static inline void fbn_sstl_f64(double *p, const fbn_d8 *v) { fbn_sst_f64(p, v[0]); }
-static inline void fbn_sstl_f16(uint16_t *p, const fbn_s16 *v) { fbn_sst2_f16(p, v[0], v[1]); }
+/* One 64-byte line of y from its vectors (float16: two half-line vectors),
+ * streamed in one store (nt) or not. */
+static inline void fbn_stl_f32(float *p, const fbn_s16 *v, int nt) {
+    if (nt) fbn_sst_f32(p, v[0]); else fbn_st_f32(p, v[0]);
+}
+static inline void fbn_stl_f64(double *p, const fbn_d8 *v, int nt) {
+    if (nt) fbn_sst_f64(p, v[0]); else fbn_st_f64(p, v[0]);
+}
+static inline void fbn_stl_f16(uint16_t *p, const fbn_s16 *v, int nt) {
+    if (nt) { fbn_sst2_f16(p, v[0], v[1]); } else { fbn_st_f16(p, v[0]); fbn_st_f16(p + 16, v[1]); }
+}
 
 /* ---- training dx lanes ------------------------------------------------------
  * Eight lanes per vector: float64 for float32 and float64 data, float32 for
@@ -1100,7 +1106,7 @@ static inline void fbn_span_ntd_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr,
                        + fbn_blend_##VS(q, B, Bn);                                \
             }                                                                     \
         }                                                                         \
-        fbn_sstl_##S(y + i, v);                                                   \
+        fbn_stl_##S(y + i, v, 1);                                                 \
     }                                                                             \
 }                                                                                 \
                                                                                   \
@@ -2042,13 +2048,13 @@ static inline void fbn_evf_rows_##S(const T *x, const T *g, T *y, ptrdiff_t C,  
             }                                                                         \
             if (!(FBN_TSUMS4 && sizeof(T) == 4)) fbn_evf_dxv_##S(g, nv, o, c, C, hc, ac, K); \
             if (pp != NULL)                                                           \
-                for (int k = 0; k < K; k++) fbn_evf_line_##S(pp + k * hc, pend[k], nt); \
+                for (int k = 0; k < K; k++) fbn_stl_##S(pp + k * hc, pend[k], nt); \
             memcpy(pend, nv, sizeof(pend));                                           \
             pp = y + o;                                                               \
         }                                                                             \
     }                                                                                 \
     if (pp != NULL)                                                                   \
-        for (int k = 0; k < K; k++) fbn_evf_line_##S(pp + k * hc, pend[k], nt);       \
+        for (int k = 0; k < K; k++) fbn_stl_##S(pp + k * hc, pend[k], nt);       \
 }                                                                                     \
 /* The chunk [r0, r1): its sums into ps / pq (as fbn_tsums with shift, for g), its \
  * dx into y.  Returns 0, doing nothing, where it does not apply (rows not whole \
@@ -2084,16 +2090,6 @@ static inline int fbn_evf_##S(const T *x, const T *g, T *y, ptrdiff_t C,        
     return 1;                                                                         \
 }
 
-/* One 64-byte line of dx, streamed (nt) or not. */
-static inline void fbn_evf_line_f32(float *p, const fbn_s16 *v, int nt) {
-    if (nt) fbn_sst_f32(p, v[0]); else fbn_st_f32(p, v[0]);
-}
-static inline void fbn_evf_line_f64(double *p, const fbn_d8 *v, int nt) {
-    if (nt) fbn_sst_f64(p, v[0]); else fbn_st_f64(p, v[0]);
-}
-static inline void fbn_evf_line_f16(uint16_t *p, const fbn_s16 *v, int nt) {
-    if (nt) { fbn_sst2_f16(p, v[0], v[1]); } else { fbn_st_f16(p, v[0]); fbn_st_f16(p + 16, v[1]); }
-}
 FBN_EVFUSED(float, f32, float, fbn_s16, 16)
 FBN_EVFUSED(uint16_t, f16, float, fbn_s16, 16)
 FBN_EVFUSED(double, f64, double, fbn_d8, 8)
