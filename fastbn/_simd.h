@@ -695,13 +695,15 @@ static inline fbn_f8 fbn_xldn_f16(const uint16_t *p, ptrdiff_t n, uint16_t fill)
     __m128i h = _mm_mask_loadu_epi16(_mm_set1_epi16((short)fill), (__mmask8)((1u << n) - 1), p);
     return (fbn_f8)_mm256_cvtph_ps(h);
 }
+/* 8 float32 lanes rounded to float16, as 128 bits. */
+static inline __m128i fbn_f8_to_ph(fbn_f8 v) {
+    return _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 static inline void fbn_xstn_f16(uint16_t *p, ptrdiff_t n, fbn_f8 v) {
-    __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_mask_storeu_epi16(p, (__mmask8)((1u << n) - 1), h);
+    _mm_mask_storeu_epi16(p, (__mmask8)((1u << n) - 1), fbn_f8_to_ph(v));
 }
 static inline void fbn_xsst_f16(uint16_t *p, fbn_f8 v) {
-    _mm_stream_si128((__m128i *)p,
-                     _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_stream_si128((__m128i *)p, fbn_f8_to_ph(v));
 }
 static inline fbn_f8 fbn_xblend_f16(ptrdiff_t n, fbn_f8 a, fbn_f8 b) {
     return (fbn_f8)_mm256_mask_blend_ps((__mmask8)((1u << n) - 1), (__m256)b, (__m256)a);
@@ -737,16 +739,10 @@ static inline void fbn_xsstl_f32(float *p, const fbn_d8 *v) {
         lo, _mm256_castps_pd(_mm512_cvtpd_ps((__m512d)v[1])), 1)));
 }
 static inline void fbn_xsstl_f16(uint16_t *p, const fbn_f8 *v) {
-    __m512i l = _mm512_castsi128_si512(
-        _mm256_cvtps_ph((__m256)v[0], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    for (int k = 1; k < 4; k++) {
-        const __m128i h = _mm256_cvtps_ph((__m256)v[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        switch (k) {
-        case 1: l = _mm512_inserti32x4(l, h, 1); break;
-        case 2: l = _mm512_inserti32x4(l, h, 2); break;
-        default: l = _mm512_inserti32x4(l, h, 3); break;
-        }
-    }
+    __m512i l = _mm512_castsi128_si512(fbn_f8_to_ph(v[0]));
+    l = _mm512_inserti32x4(l, fbn_f8_to_ph(v[1]), 1);
+    l = _mm512_inserti32x4(l, fbn_f8_to_ph(v[2]), 2);
+    l = _mm512_inserti32x4(l, fbn_f8_to_ph(v[3]), 3);
     _mm512_stream_si512((void *)p, l);
 }
 #else
