@@ -97,7 +97,7 @@ cdef extern from "_simd.h" nogil:
     int fbn_cl_ntv_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     int fbn_cl_ntv_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* cols)
     int fbn_cl_ntv_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
-    bint fbn_near_f16(const unsigned short* x, const unsigned short* y)
+    bint fbn_near(const void* x, const void* y)
     Py_ssize_t fbn_gcd(Py_ssize_t a, Py_ssize_t b)
     void fbn_cl_ntl_f16(const unsigned short* x, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const float* cols)
     Py_ssize_t fbn_span_ag_f32(const float* g, float* y, Py_ssize_t i, Py_ssize_t n, Py_ssize_t r, Py_ssize_t nr, const double* cf)
@@ -408,11 +408,10 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
       stores in two streams ran 2.6x slower than one); not for float16 after
       the statistics (trained) with rows of 4 KiB or more (3-6 % slower);
     - else one span (fbn_cl_nt; float16 with y up to 256 bytes after x
-      modulo 4 KiB, fbn_near_f16: whole lines, walking down, fbn_cl_ntl_f16)."""
+      modulo 4 KiB, fbn_near: whole lines, walking down, fbn_cl_ntl_f16)."""
     cdef Py_ssize_t h = nr // 2
     cdef Py_ssize_t q = nr // 4
-    cdef bint near = data_t is half_t and fbn_near_f16(<const unsigned short*>x,
-                                                       <const unsigned short*>y)
+    cdef bint near = data_t is half_t and fbn_near(x, y)
     if data_t is not half_t and C * <Py_ssize_t>sizeof(data_t) >= NT4_ROW and q > 0 \
             and (q * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0:
         if data_t is float:

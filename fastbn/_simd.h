@@ -166,15 +166,17 @@ static inline int fbn_walk_down(const void *in, const void *out) {
     const uintptr_t d = fbn_ahead(in, out);
     return d > 0 && d < 2048;
 }
-/* The float16 one-span writers (fbn_cl_nt_f16, fbn_cl_ntv_f16) store half a
- * line per vector, and walking down with them ran 1.17x slower ((128, 64, 28,
- * 28) channels-last inference, 1 thread, y 1 KiB after x), so they walk up.
- * When y starts up to 256 bytes after x modulo 4 KiB (fbn_near_f16), where
- * walking up cost 1.15-1.55x at that shape, whole lines walk down instead:
- * two spans (fbn_cl_nt2l_f16) where they apply, else one (fbn_cl_ntl_f16);
- * channels-first, fbn_span_ntd_f16. */
-static inline int fbn_near_f16(const void *x, const void *y) {
-    const uintptr_t d = fbn_ahead(x, y);
+/* Whether out starts up to 256 bytes after in modulo 4 KiB: the narrower
+ * window of the writers for which walking down costs elsewhere.  The float16
+ * one-span writers (fbn_cl_nt_f16, fbn_cl_ntv_f16) store half a line per
+ * vector, and walking down with them ran 1.17x slower ((128, 64, 28, 28)
+ * channels-last inference, 1 thread, y 1 KiB after x), so they walk up; in
+ * this window, where walking up cost 1.15-1.55x at that shape, whole lines
+ * walk down instead: two spans (fbn_cl_nt2l_f16) where they apply, else one
+ * (fbn_cl_ntl_f16); channels-first, fbn_span_ntd_f16.  The training dx
+ * writers likewise (fbn_dx_down). */
+static inline int fbn_near(const void *in, const void *out) {
+    const uintptr_t d = fbn_ahead(in, out);
     return d > 0 && d <= 256;
 }
 /* Channel index c + dc reduced to [0, C). */
@@ -1107,12 +1109,12 @@ static inline void fbn_span_ntd_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr,
 }                                                                                 \
                                                                                   \
 /* The channels-first forward writer: down the addresses where y starts just      \
- * after x modulo 4 KiB (fbn_walk_down; float16 fbn_near_f16), else up.  In       \
+ * after x modulo 4 KiB (fbn_walk_down; float16 fbn_near), else up.  In           \
  * that window walking up cost 1.2-1.35x (float64 64x64x32x32 inference, one      \
  * thread) and 1.15-1.53x (float16 256x256x14x14).  The caller takes its          \
  * spans in the same direction (nchw_ew_share). */                                \
 static inline int fbn_span_down_##S(const T *x, const T *y) {                     \
-    return W * sizeof(T) >= 64 ? fbn_walk_down(x, y) : fbn_near_f16(x, y);        \
+    return W * sizeof(T) >= 64 ? fbn_walk_down(x, y) : fbn_near(x, y);            \
 }                                                                                 \
 static inline void fbn_span_nt_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t nr,   \
                                    ptrdiff_t c, ptrdiff_t C, const double *cf) {  \
@@ -1222,12 +1224,13 @@ static inline void fbn_span_dx_ntd_##S(const T *x, const T *g, T *y, ptrdiff_t n
     }                                                                             \
 }                                                                                 \
                                                                                   \
-/* The channels-first training dx writer: down the addresses a line a step        \
- * where y starts up to 256 bytes after x or g modulo 4 KiB (fbn_near_f16),       \
- * else up a vector a step.  In that window walking up cost 1.2-1.3x (float32     \
- * 256x256x14x14, one thread); down from 256 bytes to 2 KiB, 1.03-1.13x. */       \
-static inline int fbn_dx_down_##S(const T *x, const T *g, const T *y) {      \
-    return fbn_near_f16(x, y) || fbn_near_f16(g, y);                              \
+/* The training dx writers (fbn_span_dx_nt, fbn_cl_dx_nt) walk down the           \
+ * addresses a line a step where y starts up to 256 bytes after x or g modulo     \
+ * 4 KiB (fbn_near), else up a vector a step.  In that window walking up cost     \
+ * 1.3-1.8x (float32 256x256x14x14, one thread); walking down from 256 bytes to   \
+ * 2 KiB, 1.03-1.13x. */                                                          \
+static inline int fbn_dx_down_##S(const T *x, const T *g, const T *y) {           \
+    return fbn_near(x, y) || fbn_near(g, y);                                      \
 }                                                                                 \
 static inline void fbn_span_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  \
                                       ptrdiff_t nr, ptrdiff_t c, ptrdiff_t C,     \
@@ -1479,7 +1482,7 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
  * time: K read streams, one coefficient load per K vectors.  D = 1 walks the     \
  * whole vectors up, D = -1 down, a step's loads before its stores (see           \
  * fbn_walk_down; float16, whose vectors are half lines, walks up: see            \
- * fbn_near_f16); the head before y's first line and the tail go first. */   \
+ * fbn_near); the head before y's first line and the tail go first. */            \
 static inline void fbn_cl_ntk_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off,   \
                                   ptrdiff_t C, const M *cols, const int K,        \
                                   const int D) {                                  \
@@ -1886,7 +1889,7 @@ static inline void fbn_cl_nt2l_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
     if (fbn_walk_down(x, y)) fbn_cl_nt2lk_f16(x, y, n, off, C, cols, 2, -1);
     else fbn_cl_nt2lk_f16(x, y, n, off, C, cols, 2, 1);
 }
-/* The float16 one-span writers: see fbn_near_f16. */
+/* The float16 one-span writers: see fbn_near. */
 static inline void fbn_cl_ntl_f16(const uint16_t *x, uint16_t *y, ptrdiff_t n,
                                   ptrdiff_t C, const float *cols) {
     fbn_cl_nt2lk_f16(x, y, n, 0, C, cols, 1, -1);
