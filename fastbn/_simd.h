@@ -390,7 +390,7 @@ static inline fbn_d8 fbn_col8(const double *col, ptrdiff_t c, ptrdiff_t C) {
  * 1.6-4.8 MB) or one row a step (from memory, 6.4 MB), 1 and 2 threads:
  * single calls after other work (tools/ab.py --method cold) 0.42-0.98 of the
  * time for inference, 0.70-0.99 training forward, 0.67-1.01 backward;
- * back-to-back 0.58-0.99, but (1024, 512) in cache 1.03-1.22 (BENCHMARKS.md,
+ * back-to-back 0.58-0.99, but (1024, 512) in cache 1.03-1.22 (docs/performance-log.md,
  * fda08fb). */
 #ifndef FBN_SHORT_ROW
 #define FBN_SHORT_ROW 256
@@ -420,7 +420,7 @@ static inline ptrdiff_t fbn_rparts(ptrdiff_t row_bytes, ptrdiff_t hp) {
  * lines land in that set too.  numpy's fresh arrays all start at the same
  * offset modulo 4 KiB, so y = out and x usually do.  Those steps take two
  * rows.  (512, 2048) float32, 1 thread, best of 7 per placement: see
- * BENCHMARKS.md ("Placement: L1 sets"). */
+ * BENCHMARKS.md ("Placement: where the arrays lie"). */
 static inline int fbn_set_crowd(ptrdiff_t row_bytes, const void *in, const void *out) {
     const uintptr_t d = fbn_ahead(in, out);
     return row_bytes % 4096 == 0 && (d < 128 || d >= 4096 - 32);
@@ -806,7 +806,7 @@ static inline fbn_f8 fbn_xdc_f16(const double *dcols, ptrdiff_t i) {
  * backward 0.93-0.94 of the time, training forward 0.96; (4096, 1024) backward
  * 0.98-1.02; in cache (3136 or 256 rows of 256-2048 channels) 0.96-1.02.
  * float16 (4 halves at a time), the channels-first sums and the in-cache training
- * dx were no faster this way (BENCHMARKS.md, experiments). */
+ * dx were no faster this way (docs/performance-log.md, experiments). */
 #if FBN_MASKED
 #define FBN_TSUMS4 1
 static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,

@@ -19,7 +19,7 @@ Each build is loaded as its own module and timed on the same arrays.  Three ways
                        work), for tensors of a few MB, where a call right after
                        another finds x and y in cache and may take another path's
                        speed (back-to-back timing once favoured a change that made
-                       the bench's mid-size rows 1.2-1.7x slower: BENCHMARKS.md)
+                       the bench's mid-size rows 1.2-1.7x slower: docs/performance-log.md)
 
 Prints each build's time and its ratio to the first build's.
 """
