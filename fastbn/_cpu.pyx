@@ -69,7 +69,6 @@ cdef extern from "_simd.h" nogil:
     void fbn_copy_fence()
     unsigned long long fbn_read_all(const char* s, size_t n)
     void fbn_fill(char* d, size_t n, int stream)
-    void fbn_xfold_f32(double* m, double* k, double b)
     void fbn_xfold_f16(double* m, double* k, double b)
     void fbn_put_cols_s16(const double* cf, float* cols, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1)
     void fbn_put_cols_f64(const double* cf, double* cols, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1)
@@ -1245,21 +1244,20 @@ cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssiz
 cdef inline void fold_dx_range(const data_t* x, double* cf, Py_ssize_t C, Py_ssize_t c0,
                                Py_ssize_t c1) noexcept nogil:
     """Channels [c0, c1) of cf's mean and k columns as fbn_xfold gives them for
-    the data type (see fold_dx_cols)."""
+    the data type (see fold_dx_cols): float16 only, float32 and float64 take
+    them as they are."""
     cdef Py_ssize_t c
-    for c in range(c0, c1):
-        if data_t is float:
-            fbn_xfold_f32(&cf[c], &cf[3 * C + c], cf[2 * C + c])
-        elif data_t is half_t:
+    if data_t is half_t:
+        for c in range(c0, c1):
             fbn_xfold_f16(&cf[c], &cf[3 * C + c], cf[2 * C + c])
 
 
 cdef inline void fold_dx_cols(const data_t* x, Job* j, double* cf, double* dcols,
                               Py_ssize_t C) noexcept nogil:
     """Training dx columns (mean, a, b, k of cf) as fbn_tew op 1 wants them:
-    mean and k as fbn_xfold gives them for the data type (float32: 0 and k
-    folded with the mean; float16: the mean rounded to float and k with the
-    rest), as fbn_dx8 does; and, for the streamed dx (fbn_cl_dx_nt) and every
+    mean and k as fbn_xfold gives them for the data type (float16: the mean
+    rounded to float and k with the rest; float32 and float64 as they are),
+    as fbn_dx8 does; and, for the streamed dx (fbn_cl_dx_nt) and every
     float16 dx (fbn_cl_dx_line*), their padded copy dcols (stride C +
     FBN_COLPAD; float32 for float16 data)."""
     cdef Py_ssize_t L = C + FBN_COLPAD, i, k

@@ -756,21 +756,18 @@ static inline void fbn_xsstl_f16(uint16_t *p, const fbn_f8 *v) {
 }
 #endif
 
-/* k - b m with one rounding, the folded constant of the float32 training dx
- * (the same bits wherever it is computed). */
-static inline double fbn_fold_k(double k, double b, double m) { return fma(-b, m, k); }
-
 /* The float64 training-dx coefficients (mean m, b, k) as each type's lanes use
- * them in FBN_DX:
- *   float32 (FOLD): m = 0 and k - b mean (fbn_fold_k), so that dx is two fused
- *     multiply-adds in float64 lanes, a g + (b x + k');
- *   float64: as they are, dx = a g + b (x - m) + k;
+ * them in FBN_DX, always centred, dx = a g + (b (x - m) + k):
+ *   float32 and float64: as they are, x - m in float64 lanes;
  *   float16: m rounded to float (hi) and k - b (m - hi), so that the float32
- *     lanes subtract x - hi (exact near the mean) rather than cancel b x
- *     against k: the centred form, as the forward's fbn_fold_s16. */
-static inline void fbn_xfold_f32(double *m, double *k, double b) {
-    *k = fbn_fold_k(*k, b, *m); *m = 0.0;
-}
+ *     lanes subtract x - hi (exact near the mean), as the forward's
+ *     fbn_fold_s16.
+ * Folding the mean into the constant instead, a g + (b x + (k - b m)), saves
+ * the subtraction and a column but rounds the constant to 2^-53 of |b m|: for
+ * a mean of 1e4 and a spread of one float32 ulp (2 values a channel, eps
+ * 1e-12) dx came out 2e-4 off, 1.95x the float32 tolerance, where the
+ * centred form is 3e-4 of it. */
+static inline void fbn_xfold_f32(double *m, double *k, double b) { (void)m; (void)k; (void)b; }
 static inline void fbn_xfold_f64(double *m, double *k, double b) { (void)m; (void)k; (void)b; }
 static inline void fbn_xfold_f16(double *m, double *k, double b) {
     const double hi = (double)(float)*m;
@@ -793,10 +790,10 @@ static inline fbn_f8 fbn_xdc_f16(const double *dcols, ptrdiff_t i) {
     fbn_f8 v; memcpy(&v, (const float *)dcols + i, 32); return v;
 }
 
-/* dx = a g + (b (x - m) + k) as two fused multiply-adds in the lanes' FMA; with
- * FOLD, m = 0 and k already holds k - b mean, and the subtraction is left out. */
-#define FBN_DX(FOLD, FMA, A, G, B, X, M, K) \
-    FMA((A), (G), FMA((B), (FOLD ? (X) : (X) - (M)), (K)))
+/* dx = a g + (b (x - m) + k): a subtraction and two fused multiply-adds in the
+ * lanes' FMA. */
+#define FBN_DX(FMA, A, G, B, X, M, K)                                             \
+    FMA((A), (G), FMA((B), (X) - (M), (K)))
 
 /* The wide-tile path of fbn_tsums (below) for float32 data in 4-lane halves:
  * the same operations per channel in the same order, so the same bits.  On
@@ -860,7 +857,7 @@ static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
  * suffix (d8 / s16), CVT scalar storage -> math conversion. */
 /* The body of a step of fbn_tew: channels [c0, c1) of rows rb, rb + RS, ... up
  * to re, each coefficient vector loaded once for them. */
-#define FBN_TEW_STEP(S, V, W, FOLD, RS)                                           \
+#define FBN_TEW_STEP(S, V, W, RS)                                                 \
         if (op == 1) {                                                            \
             for (ptrdiff_t c = c0; c < c1; c += 8) {                              \
                 const fbn_x8_##S mv = fbn_xcol_##S(cf, c, C),                     \
@@ -868,7 +865,7 @@ static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
                     kv = fbn_xcol_##S(cf + 3 * C, c, C);                          \
                 for (ptrdiff_t r = rb; r < re; r += (RS)) {                       \
                     ptrdiff_t o = r * C + c;                                      \
-                    fbn_x8_##S v = FBN_DX(FOLD, fbn_xfma_##S, av, fbn_xtld_##S(g + o, c, C), bv, \
+                    fbn_x8_##S v = FBN_DX(fbn_xfma_##S, av, fbn_xtld_##S(g + o, c, C), bv, \
                                           fbn_xtld_##S(x + o, c, C), mv, kv);     \
                     if (c + 8 <= C) fbn_xst_##S(y + o, v); else fbn_xstn_##S(y + o, C - c, v); \
                 }                                                                 \
@@ -894,16 +891,12 @@ static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
             }                                                                     \
         }
 
-#define FBN_FAMILY(T, S, M, V, W, VS, SPLAT, CVT, FOLD)                                \
+#define FBN_FAMILY(T, S, M, V, W, VS, SPLAT, CVT)                                 \
                                                                                   \
 /* ---- contiguous runs (channels-first: one run = one (n, c) row of S) ---- */   \
                                                                                   \
-/* Training dx = a g + b (x - mean) + k in the type's dx lanes (fbn_x8_<S>), \
- * with the coefficients as fbn_xfold_<S> gives them: for float32 data (FOLD) \
- * a g + (b x + (k - b mean)), two fused multiply-adds in float64 lanes (the    \
- * folded constant's rounding is 2^-53 of |b mean|, below 1e-12 of the b term  \
- * for means up to 1e4 standard deviations, far below a float32 ulp); float64  \
- * and float16 data the centred form. */                                       \
+/* Training dx = a g + b (x - mean) + k in the type's dx lanes (fbn_x8_<S>),   \
+ * with the coefficients as fbn_xfold_<S> gives them (the centred form). */     \
 static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,         \
                                double mean, double a, double b, double k) {       \
     fbn_xfold_##S(&mean, &k, b);                                                  \
@@ -911,9 +904,9 @@ static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,       
                      B = fbn_xsplat_##S(b), K = fbn_xsplat_##S(k);                \
     ptrdiff_t i = 0, r;                                                           \
     for (; i + 8 <= n; i += 8)                                                    \
-        fbn_xst_##S(y + i, FBN_DX(FOLD, fbn_xfma_##S, A, fbn_xld_##S(g + i), B, fbn_xld_##S(x + i), m, K)); \
+        fbn_xst_##S(y + i, FBN_DX(fbn_xfma_##S, A, fbn_xld_##S(g + i), B, fbn_xld_##S(x + i), m, K)); \
     if ((r = n - i) > 0)                                                          \
-        fbn_xstn_##S(y + i, r, FBN_DX(FOLD, fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B,      \
+        fbn_xstn_##S(y + i, r, FBN_DX(fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B, \
                                       fbn_xldn_##S(x + i, r, 0), m, K));          \
 }                                                                                 \
                                                                                   \
@@ -1148,14 +1141,14 @@ static inline void fbn_span_dx_ntv_##S(const T *x, const T *g, T *y, ptrdiff_t n
         FBN_PF(x + i); FBN_PF(g + i);                                             \
         fbn_x8_##S xv = fbn_xld_##S(x + i), gv = fbn_xld_##S(g + i), v;           \
         if (i + 8 <= end) {                                                       \
-            v = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);                   \
+            v = FBN_DX(fbn_xfma_##S, A, gv, B, xv, m, K);                         \
         } else {                              /* lanes past `end`: run r + 1 */   \
             ptrdiff_t cn = c + 1 == C ? 0 : c + 1, k = end - i;                   \
             fbn_x8_##S mn, An, Bn, Kn;                                            \
             fbn_coef_dx_##S(cf + 4 * cn, &mn, &An, &Bn, &Kn);                     \
             m = fbn_xblend_##S(k, m, mn); A = fbn_xblend_##S(k, A, An);           \
             B = fbn_xblend_##S(k, B, Bn); K = fbn_xblend_##S(k, K, Kn);           \
-            v = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);                   \
+            v = FBN_DX(fbn_xfma_##S, A, gv, B, xv, m, K);                         \
             m = mn; A = An; B = Bn; K = Kn; c = cn; r++; end += n;                \
         }                                                                         \
         fbn_xsst_##S(y + i, v);                                                   \
@@ -1212,10 +1205,10 @@ static inline void fbn_span_dx_ntd_##S(const T *x, const T *g, T *y, ptrdiff_t n
             }                                                                     \
             const fbn_x8_##S xv = fbn_xld_##S(x + j), gv = fbn_xld_##S(g + j);    \
             if (j + 8 <= start + n) {                                             \
-                v[k] = FBN_DX(FOLD, fbn_xfma_##S, A, gv, B, xv, m, K);            \
+                v[k] = FBN_DX(fbn_xfma_##S, A, gv, B, xv, m, K);                  \
             } else {                          /* lanes from start + n: the next run */ \
                 const ptrdiff_t q = start + n - j;                                \
-                v[k] = FBN_DX(FOLD, fbn_xfma_##S, fbn_xblend_##S(q, A, An), gv,   \
+                v[k] = FBN_DX(fbn_xfma_##S, fbn_xblend_##S(q, A, An), gv,         \
                               fbn_xblend_##S(q, B, Bn), xv, fbn_xblend_##S(q, m, mn), \
                               fbn_xblend_##S(q, K, Kn));                          \
             }                                                                     \
@@ -1432,7 +1425,7 @@ static __attribute__((noinline)) void fbn_tew_parts_##S(                        
         const double *cf, ptrdiff_t rstep, ptrdiff_t hp) {                        \
     for (ptrdiff_t i = 0; i < hp; i++) {                                          \
         const ptrdiff_t rb = r0 + i, re = rb + rstep * hp;                        \
-        FBN_TEW_STEP(S, V, W, FOLD, hp)                                           \
+        FBN_TEW_STEP(S, V, W, hp)                                                 \
     }                                                                             \
 }                                                                                 \
                                                                                   \
@@ -1469,7 +1462,7 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
         fbn_tew_parts_##S(op, x, g, y, C, r0, c0, c1, hi, a, b, cf, rstep, hp);    \
     for (ptrdiff_t rb = r0 + rstep * hp; rb < r1; rb += rstep) {                  \
         const ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                   \
-        FBN_TEW_STEP(S, V, W, FOLD, 1)                                            \
+        FBN_TEW_STEP(S, V, W, 1)                                                  \
     }                                                                             \
 }                                                                                 \
                                                                                   \
@@ -1607,7 +1600,7 @@ static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off, 
  * columns of fbn_tew op 1 padded (stride C + FBN_COLPAD; float32 for float16
  * data, see fbn_xdc).  The same bits as fbn_tew op 1.  float32 and float64
  * only: float16 data take the line-wide fbn_cl_dx_line_f16 below. */
-#define FBN_CL_DX_NT(T, S, FOLD)                                                    \
+#define FBN_CL_DX_NT(T, S)                                                        \
 static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
                                     ptrdiff_t C, const double *dcols) {           \
     const ptrdiff_t L = C + FBN_COLPAD, vb = 8 * (ptrdiff_t)sizeof(T);            \
@@ -1622,12 +1615,12 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
             if (i >= n) break;                                                    \
             r = i < h ? h - i : n - i;                                            \
             if (r > 8) r = 8;                                                     \
-            fbn_xstn_##S(y + i, r, FBN_DX(FOLD, fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B,  \
+            fbn_xstn_##S(y + i, r, FBN_DX(fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B, \
                                           fbn_xldn_##S(x + i, r, 0), m, K));      \
         } else {                                                                  \
             r = 8;                                                                \
             FBN_PF(x + i); FBN_PF(g + i);                                         \
-            fbn_xsst_##S(y + i, FBN_DX(FOLD, fbn_xfma_##S, A, fbn_xld_##S(g + i), B,            \
+            fbn_xsst_##S(y + i, FBN_DX(fbn_xfma_##S, A, fbn_xld_##S(g + i), B,    \
                                        fbn_xld_##S(x + i), m, K));                \
         }                                                                         \
         i += r; c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;               \
@@ -1653,7 +1646,7 @@ static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(const T *x, const T *g, 
     fbn_cl_dx_nt_##S(x, g, y, h, C, dcols);   /* the head, from channel 0 */      \
     for (i = e, c = e % C; i < n; i += r, c = fbn_cstep(c, r, C)) {   /* the tail */ \
         r = n - i < 8 ? n - i : 8;                                                \
-        fbn_xstn_##S(y + i, r, FBN_DX(FOLD, fbn_xfma_##S, fbn_xdc_##S(dcols, L + c), \
+        fbn_xstn_##S(y + i, r, FBN_DX(fbn_xfma_##S, fbn_xdc_##S(dcols, L + c),    \
                                       fbn_xldn_##S(g + i, r, 0), fbn_xdc_##S(dcols, 2 * L + c), \
                                       fbn_xldn_##S(x + i, r, 0), fbn_xdc_##S(dcols, c), \
                                       fbn_xdc_##S(dcols, 3 * L + c)));            \
@@ -1663,7 +1656,7 @@ static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(const T *x, const T *g, 
         FBN_PFD(x + i, -1); FBN_PFD(g + i, -1);                                   \
         for (int k = LV - 1; k >= 0; k--) {                                       \
             const ptrdiff_t j = i + 8 * k, ck = fbn_cstep(c, 8 * k, C);           \
-            v[k] = FBN_DX(FOLD, fbn_xfma_##S, fbn_xdc_##S(dcols, L + ck), fbn_xld_##S(g + j), \
+            v[k] = FBN_DX(fbn_xfma_##S, fbn_xdc_##S(dcols, L + ck), fbn_xld_##S(g + j), \
                           fbn_xdc_##S(dcols, 2 * L + ck), fbn_xld_##S(x + j),     \
                           fbn_xdc_##S(dcols, ck), fbn_xdc_##S(dcols, 3 * L + ck)); \
         }                                                                         \
@@ -1673,8 +1666,8 @@ static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(const T *x, const T *g, 
                                                                                   \
 /* The same pass when a period of NV 8-element vectors (lcm(C, 8) elements)    \
  * holds whole rows: after the head every period starts on the same channel,   \
- * so the columns of its NV vectors stay in registers (3 NV of them with the   \
- * mean folded, 4 NV without), as fbn_cl_ntr does for the forward.  Same bits. */ \
+ * so the 4 NV columns of its vectors stay in registers, as fbn_cl_ntr does    \
+ * for the forward.  Same bits. */                                              \
 static inline void fbn_cl_dx_ntr_##S(const T *x, const T *g, T *y, ptrdiff_t n,   \
                                      ptrdiff_t C, const double *dcols,            \
                                      const int NV) {                              \
@@ -1695,22 +1688,24 @@ static inline void fbn_cl_dx_ntr_##S(const T *x, const T *g, T *y, ptrdiff_t n, 
         for (k = 0; k < NV; k++) {                                                \
             const ptrdiff_t o = i + 8 * k;                                        \
             FBN_PF(x + o); FBN_PF(g + o);                                         \
-            fbn_xsst_##S(y + o, FBN_DX(FOLD, fbn_xfma_##S, A[k], fbn_xld_##S(g + o), B[k], \
+            fbn_xsst_##S(y + o, FBN_DX(fbn_xfma_##S, A[k], fbn_xld_##S(g + o), B[k], \
                                        fbn_xld_##S(x + o), m[k], K[k]));          \
         }                                                                         \
     for (k = 0; i < n; i += r, k++) {          /* the rest: under a period */     \
         r = n - i < 8 ? n - i : 8;                                                \
         if (r == 8)                                                               \
-            fbn_xsst_##S(y + i, FBN_DX(FOLD, fbn_xfma_##S, A[k], fbn_xld_##S(g + i), B[k], \
+            fbn_xsst_##S(y + i, FBN_DX(fbn_xfma_##S, A[k], fbn_xld_##S(g + i), B[k], \
                                        fbn_xld_##S(x + i), m[k], K[k]));          \
         else                                                                      \
-            fbn_xstn_##S(y + i, r, FBN_DX(FOLD, fbn_xfma_##S, A[k], fbn_xldn_##S(g + i, r, 0), \
+            fbn_xstn_##S(y + i, r, FBN_DX(fbn_xfma_##S, A[k], fbn_xldn_##S(g + i, r, 0), \
                                           B[k], fbn_xldn_##S(x + i, r, 0), m[k], K[k])); \
     }                                                                             \
 }                                                                                 \
 /* fbn_cl_dx_ntr when its period fits in registers: NV = C / gcd(C, 8) up to  \
- * 8 with the mean folded (three columns, 24 registers), else up to 4; returns \
- * 0 otherwise. */                                                               \
+ * 8 (four columns, 32 vectors: the compiler keeps most of them in registers;  \
+ * with 5-8 vectors back to loads from dcols, float32 64 channels took 1.10-   \
+ * 1.24x the time, and float64 gained 0.87-0.98 from 5-8); returns 0          \
+ * otherwise. */                                                                 \
 static inline int fbn_cl_dx_ntv_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
                                     ptrdiff_t C, const double *dcols) {           \
     switch (fbn_period(C, 8)) {                                                   \
@@ -1718,19 +1713,19 @@ static inline int fbn_cl_dx_ntv_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
     case 2: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 2); return 1;                 \
     case 3: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 3); return 1;                 \
     case 4: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 4); return 1;                 \
-    case 5: if (!FOLD) return 0; fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 5); return 1; \
-    case 6: if (!FOLD) return 0; fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 6); return 1; \
-    case 7: if (!FOLD) return 0; fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 7); return 1; \
-    case 8: if (!FOLD) return 0; fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 8); return 1; \
+    case 5: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 5); return 1;                 \
+    case 6: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 6); return 1;                 \
+    case 7: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 7); return 1;                 \
+    case 8: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 8); return 1;                 \
     default: return 0;                                                            \
     }                                                                             \
 }
 
-FBN_FAMILY(float, f32, float, fbn_s16, 16, s16, fbn_splat_s, FBN_NOCVT, 1)
-FBN_FAMILY(uint16_t, f16, float, fbn_s16, 16, s16, fbn_splat_s, fastbn_h2f, 0)
-FBN_FAMILY(double, f64, double, fbn_d8, 8, f64, fbn_splat_d, FBN_NOCVT, 0)
-FBN_CL_DX_NT(float, f32, 1)
-FBN_CL_DX_NT(double, f64, 0)
+FBN_FAMILY(float, f32, float, fbn_s16, 16, s16, fbn_splat_s, FBN_NOCVT)
+FBN_FAMILY(uint16_t, f16, float, fbn_s16, 16, s16, fbn_splat_s, fastbn_h2f)
+FBN_FAMILY(double, f64, double, fbn_d8, 8, f64, fbn_splat_d, FBN_NOCVT)
+FBN_CL_DX_NT(float, f32)
+FBN_CL_DX_NT(double, f64)
 
 /* Channels-last training dx of float16 data with streaming stores: as
  * fbn_cl_dx_nt (the float32 lanes of fbn_x8_f16, the padded float32 columns of
@@ -1756,17 +1751,17 @@ static inline void fbn_cl_dx_linek_f16(const uint16_t *x, const uint16_t *g, uin
             if (i >= n) break;
             r = i < h ? h - i : n - i;
             if (r > 8) r = 8;
-            fbn_xstn_f16(y + i, r, FBN_DX(0, fbn_fma_f8, fbn_xdc_f16(dcols, L + c),
+            fbn_xstn_f16(y + i, r, FBN_DX(fbn_fma_f8, fbn_xdc_f16(dcols, L + c),
                                           fbn_xldn_f16(g + i, r, 0), fbn_xdc_f16(dcols, 2 * L + c),
                                           fbn_xldn_f16(x + i, r, 0), fbn_xdc_f16(dcols, c),
                                           fbn_xdc_f16(dcols, 3 * L + c)));
         } else {
             r = 32;
             c2 = c + 16; if (c2 >= C) c2 = c2 >= 2 * C ? c2 % C : c2 - C;
-            const fbn_s16 v0 = FBN_DX(0, fbn_fma_s16, fbn_ld_f32(A + c), fbn_ld_f16(g + i),
+            const fbn_s16 v0 = FBN_DX(fbn_fma_s16, fbn_ld_f32(A + c), fbn_ld_f16(g + i),
                                       fbn_ld_f32(B + c), fbn_ld_f16(x + i), fbn_ld_f32(m + c),
                                       fbn_ld_f32(K + c)),
-                          v1 = FBN_DX(0, fbn_fma_s16, fbn_ld_f32(A + c2), fbn_ld_f16(g + i + 16),
+                          v1 = FBN_DX(fbn_fma_s16, fbn_ld_f32(A + c2), fbn_ld_f16(g + i + 16),
                                       fbn_ld_f32(B + c2), fbn_ld_f16(x + i + 16),
                                       fbn_ld_f32(m + c2), fbn_ld_f32(K + c2));
             if (NT) {
@@ -1816,14 +1811,14 @@ static inline void fbn_cl_dx_liner_f16(const uint16_t *x, const uint16_t *g, uin
             const ptrdiff_t o = i + 16 * k;
             FBN_PF(x + o); FBN_PF(g + o);
             fbn_sst2_f16(y + o,
-                         FBN_DX(0, fbn_fma_s16, A[k], fbn_ld_f16(g + o), B[k],
+                         FBN_DX(fbn_fma_s16, A[k], fbn_ld_f16(g + o), B[k],
                                 fbn_ld_f16(x + o), m[k], K[k]),
-                         FBN_DX(0, fbn_fma_s16, A[k + 1], fbn_ld_f16(g + o + 16), B[k + 1],
+                         FBN_DX(fbn_fma_s16, A[k + 1], fbn_ld_f16(g + o + 16), B[k + 1],
                                 fbn_ld_f16(x + o + 16), m[k + 1], K[k + 1]));
         }
     for (k = 0; i < n; i += r, k++) {            /* the rest: under a period */
         r = n - i < 16 ? n - i : 16;
-        fbn_stn_f16(y + i, r, FBN_DX(0, fbn_fma_s16, A[k], fbn_ldn_f16(g + i, r, 0), B[k],
+        fbn_stn_f16(y + i, r, FBN_DX(fbn_fma_s16, A[k], fbn_ldn_f16(g + i, r, 0), B[k],
                                      fbn_ldn_f16(x + i, r, 0), m[k], K[k]));
     }
 }

@@ -114,9 +114,10 @@ def test_large_shapes_match_reference(rng, shape, axis, dtype):
                                         ((16, 16, 8, 8), 1), ((64, 300), 1)])
 @pytest.mark.parametrize("offset", [1e4, -300.0])
 def test_training_dx_far_from_zero(rng, shape, axis, dtype, offset):
-    """Training dx of float32 / float16 folds the mean into one constant
-    (dx = a dy + (b x + (k - b mean))); data whose mean is 1e4 or 1e6 of its
-    spread, at batch size 2 where dx nearly cancels, still meet the tolerance."""
+    """Training dx of float32 / float16 subtracts the mean (float16: the mean
+    rounded to float32) before the b term, dx = a dy + (b (x - mean) + k);
+    data whose mean is 1e4 or 1e6 of its spread, at batch size 2 where dx
+    nearly cancels, meet the tolerance."""
     scale = 1e-2 if dtype == np.float32 else 1.0
     x = make_x(rng, shape, dtype, offset=offset, scale=scale)
     Cn = shape[axis]
@@ -128,6 +129,44 @@ def test_training_dx_far_from_zero(rng, shape, axis, dtype, offset):
     rdx, rdw, _ = R.backward(dy, x, ref.mean, ref.invstd, w, axis=axis)
     assert_close(dx, rdx, dtype, "dx")
     assert_close(dw, rdw, np.float32, "dweight")
+
+
+@pytest.mark.parametrize("axis,shape", [
+    (1, (2, 7, 1)), (1, (4, 5, 9)),     # runs of 1 and short runs (fbn_dx8)
+    (1, (1, 6, 64)),                    # streamed: the span writers
+    (-1, (2, 256)), (-1, (2, 2048)),    # streamed: fbn_cl_dx_nt; else fbn_tew
+    (-1, (4, 64)), (-1, (2, 40)),       # streamed: columns in registers (8, 5 vectors)
+    (-1, (6, 3, 24)),
+])
+@pytest.mark.parametrize("threshold", [0, 1 << 62], ids=["streamed", "cached"])
+def test_float32_training_dx_one_ulp_apart(stream_threshold, axis, shape, threshold):
+    """Every float32 training dx kernel keeps x - mean apart from the constant.
+    Each channel holds two float32 neighbours from -1e4 up (a spread of one
+    ulp: the mean is 2e7 of its standard deviations from zero), dy lies in the
+    span of 1 and xhat, and eps is 1e-12: dx is what is left of a cancellation
+    by about 2.5e5.  Folding the mean into the constant, a dy + (b x + (k -
+    b mean)), left dx 2e-4 off (1.95x the float32 tolerance; the hypothesis
+    'thorough' profile found it); the centred form is far inside."""
+    stream_threshold(threshold)
+    C = shape[axis]
+    n = int(np.prod(shape)) // C
+    lo = (np.float32(-1e4) + 3 * np.arange(C)).astype(np.float32)
+    hi = np.nextafter(lo, np.float32(np.inf))
+    s = np.where(np.arange(n) % 2 == 1, 1, -1)[:, None]              # +-1, balanced
+    rows = shape if axis == -1 else (shape[0], *shape[2:], C)
+    x = np.where(s > 0, hi, lo).astype(np.float32).reshape(rows)
+    dy = (0.5 + s + 0 * lo).astype(np.float32).reshape(rows)          # 1.5 or -0.5
+    if axis == 1:
+        x, dy = (np.ascontiguousarray(np.moveaxis(a, -1, 1)) for a in (x, dy))
+    w = np.where(np.arange(C) % 2 == 0, 1.5, -0.75).astype(np.float32)
+    xs = x.astype(np.float64) + 1e4                       # exact in float64
+    ref = R.forward(xs, w, eps=1e-12, axis=axis)
+    rdx, _, _ = R.backward(dy, xs, ref.mean, ref.invstd, w, axis=axis)
+    assert np.abs(rdx).max() < 1e-3 * np.abs(dy).max() * ref.invstd.max()  # it cancels
+    for nt in (1, 2):
+        _, ctx = fastbn.forward(x, w, None, eps=1e-12, axis=axis, num_threads=nt)
+        dx, _, _ = fastbn.backward(dy, ctx, num_threads=nt)
+        assert_close(dx, rdx, np.float32, "dx")
 
 
 STREAM_BYTES = 16 << 20     # fastbn/_cpu.pyx FASTBN_STREAM_BYTES (channels-last forward: half)
@@ -308,8 +347,8 @@ def test_eval_backward_sums_are_the_training_sums(rng, stream_threshold, dtype, 
             dx, dw, db = np.empty_like(x), np.empty(C, pdt), np.empty(C, pdt)
             kernel(x, dy, dx, mean, invstd, w, dw, db, training, nt)
             out[training, nt] = (dx, dw, db)
-    a = (w.astype(np.float64) * invstd).astype(np.float64 if dtype == np.float64
-                                                else np.float32)
+    a = (w.astype(np.float64) * invstd).astype(
+        np.float64 if dtype == np.float64 else np.float32)
     want_dx = (dy * a.reshape((1, C, 1) if layout == "nchw" else (1, C))).astype(dtype)
     for nt in (1, 2):
         np.testing.assert_array_equal(out[False, nt][1].view(np.uint8),
