@@ -155,7 +155,7 @@ def test_float32_training_dx_one_ulp_apart(stream_threshold, axis, shape, thresh
     s = np.where(np.arange(n) % 2 == 1, 1, -1)[:, None]              # +-1, balanced
     rows = shape if axis == -1 else (shape[0], *shape[2:], C)
     x = np.where(s > 0, hi, lo).astype(np.float32).reshape(rows)
-    dy = (0.5 + s + 0 * lo).astype(np.float32).reshape(rows)          # 1.5 or -0.5
+    dy = np.broadcast_to(0.5 + s, (n, C)).astype(np.float32).reshape(rows)   # 1.5, -0.5
     if axis == 1:
         x, dy = (np.ascontiguousarray(np.moveaxis(a, -1, 1)) for a in (x, dy))
     w = np.where(np.arange(C) % 2 == 0, 1.5, -0.75).astype(np.float32)
