@@ -29,7 +29,7 @@
 cimport numpy as cnp
 from cython.parallel cimport prange
 import numpy
-from libc.math cimport sqrt
+from libc.math cimport fabs, fma, sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
@@ -73,12 +73,8 @@ cdef extern from "_simd.h" nogil:
     void fbn_put_cols_s16(const double* cf, float* cols, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1)
     void fbn_put_cols_f64(const double* cf, double* cols, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1)
     Py_ssize_t FBN_COLPAD
-    void fbn_cl_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
-    void fbn_cl_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
-    void fbn_cl_dx_ntd_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
-    void fbn_cl_dx_ntd_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
-    int fbn_cl_dx_ntv_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
-    int fbn_cl_dx_ntv_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
+    void fbn_cl_dx_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
+    void fbn_cl_dx_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_line_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     int fbn_cl_dx_linev_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_lineo_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
@@ -205,6 +201,9 @@ DEF FUSED_BYTES = 1024
 # among the threads.  Done by one thread, (16, 16384) float32 inference took
 # longer at 2 threads than at 1 (the spinning worker slows the other vCPU).
 DEF PAR_CHANNELS = 2048
+# The float32 training dx folds a channel's mean into its constant when the
+# mean lies within this many of its standard deviations (coefs_range).
+DEF FOLD_SIGMAS = 16.0
 
 
 ctypedef unsigned short half_t
@@ -360,19 +359,13 @@ cdef inline void span_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssiz
 cdef inline void cl_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssize_t n,
                           Py_ssize_t C, const double* dcols) noexcept nogil:
     """Channels-last training dx over n elements of whole rows with streaming
-    stores (fbn_cl_dx_nt; float16: fbn_cl_dx_line_f16, a line per step);
+    stores (fbn_cl_dx: the period's columns in registers where they fit;
     down the addresses a line a step when y starts just after x or g modulo
-    4 KiB (fbn_dx_down: fbn_cl_dx_ntd)."""
+    4 KiB; float16: fbn_cl_dx_line_f16, a line per step)."""
     if data_t is float:
-        if fbn_dx_down_f32(x, g, y):
-            fbn_cl_dx_ntd_f32(x, g, y, n, C, dcols)
-        elif not fbn_cl_dx_ntv_f32(x, g, y, n, C, dcols):
-            fbn_cl_dx_nt_f32(x, g, y, n, C, dcols)
+        fbn_cl_dx_f32(x, g, y, n, C, dcols)
     elif data_t is double:
-        if fbn_dx_down_f64(x, g, y):
-            fbn_cl_dx_ntd_f64(x, g, y, n, C, dcols)
-        elif not fbn_cl_dx_ntv_f64(x, g, y, n, C, dcols):
-            fbn_cl_dx_nt_f64(x, g, y, n, C, dcols)
+        fbn_cl_dx_f64(x, g, y, n, C, dcols)
     elif not fbn_cl_dx_linev_f16(x, g, y, n, C, dcols):
         fbn_cl_dx_line_f16(x, g, y, n, C, dcols)
 
@@ -544,7 +537,7 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
                       const double* s1, const double* s2, const double* shift, Py_ssize_t n,
                       param_t* rm, param_t* rv, const param_t* w, const param_t* bias,
                       double* cm, double* ca, double* cb, double* ck,
-                      Py_ssize_t cs) noexcept nogil:
+                      Py_ssize_t cs, bint fold) noexcept nogil:
     """The element-wise coefficients of channels [c0, c1), channel c's at
     cm[c cs], ca[c cs], cb[c cs], ck[c cs] (mean, a, b, k):
     - forward, y = (x - mean) a + b: from the statistics (stats_range; s1, s2,
@@ -554,6 +547,17 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
       s1 is NULL: the eval-mode one pass writes them after); in eval mode
       b = k = 0, as the forward's y = (dy - 0) a + b with b = -0, which is a dy
       exactly (see fbn_fold_s16), so the streamed writers take it.
+      With fold (float32 data), the training dx of a channel whose mean lies
+      within FOLD_SIGMAS of its standard deviations (|mean| invstd, eps
+      included) takes the mean into the constant: mean 0 and k - b mean with
+      one rounding, dx = a dy + (b x + k'), and the dx kernels leave out the
+      subtraction where the mean is +0 (x - (+0) is x, the same bits).  The
+      constant's rounding is then 2^-53 |k - b mean| <= 2^-53 (FOLD_SIGMAS + 1)
+      |a| rms(dy) (|b mean| = |a| invstd^2 |mean(dy (x - mean))| |mean| and
+      |mean(dy (x - mean))| <= rms(dy) / invstd), within FOLD_SIGMAS + 1 of the
+      rounding the centred form already has from its own k.  Other channels stay
+      centred, b (x - mean) + k: one float32 ulp of spread 2e7 standard
+      deviations from zero, folded, came out 1.95x the float32 tolerance off.
     Loops without calls, each writing one array, for the compiler's vector
     units (divisions, square roots; a loop writing four arrays needs more
     run-time overlap checks than it will version for, and stays scalar): the
@@ -589,6 +593,11 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
             cb[c * cs] = -ca[c * cs] * invstd[c] * invstd[c] * s2[c] / dn
         for c in range(c0, c1):
             ck[c * cs] = -ca[c * cs] * s1[c] / dn
+        if fold:
+            for c in range(c0, c1):
+                if fabs(cm[c * cs]) * invstd[c] <= FOLD_SIGMAS:
+                    ck[c * cs] = fma(-cb[c * cs], cm[c * cs], ck[c * cs])
+                    cm[c * cs] = 0.0
     else:
         for c in range(c0, c1):
             cb[c * cs] = -0.0
@@ -774,7 +783,7 @@ cdef inline void nchw_coefs(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c
         if train:
             tot[2 * C + c] = ld(x, c * j.S)
     coefs_range(j, c0, c1, train, fwd, tot if summed else NULL, tot + C, tot + 2 * C,
-                j.N * j.S, rm, rv, w, b, cf, cf + 1, cf + 2, cf + 3, 4)
+                j.N * j.S, rm, rv, w, b, cf, cf + 1, cf + 2, cf + 3, 4, data_t is float)
 
 
 cdef void nchw_eval_fused(Job* j, const data_t* x, int nt, Py_ssize_t nq, double* part,
@@ -1149,7 +1158,7 @@ cdef inline void nhwc_coefs_range(Job* j, const data_t* x, bint train, bint fwd,
                                   void* cols, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     cdef Py_ssize_t C = j.C, c
     coefs_range(j, c0, c1, train, fwd, tot if summed else NULL, tot + C, shift, j.N,
-                rm, rv, w, b, cf, cf + C, cf + 2 * C, cf + 3 * C, 1)
+                rm, rv, w, b, cf, cf + C, cf + 2 * C, cf + 3 * C, 1, data_t is float)
     if cols != NULL:
         put_cols(x, cols, cf, C, c0, c1)
 
@@ -1244,8 +1253,9 @@ cdef inline void put_cols(const data_t* x, void* cols, const double* cf, Py_ssiz
 cdef inline void fold_dx_range(const data_t* x, double* cf, Py_ssize_t C, Py_ssize_t c0,
                                Py_ssize_t c1) noexcept nogil:
     """Channels [c0, c1) of cf's mean and k columns as fbn_xfold gives them for
-    the data type (see fold_dx_cols): float16 only, float32 and float64 take
-    them as they are."""
+    the data type (see fold_dx_cols): float16 only; float32 takes them as
+    coefs_range left them (folded where the mean is near zero), float64 as
+    they are."""
     cdef Py_ssize_t c
     if data_t is half_t:
         for c in range(c0, c1):
@@ -1256,7 +1266,8 @@ cdef inline void fold_dx_cols(const data_t* x, Job* j, double* cf, double* dcols
                               Py_ssize_t C) noexcept nogil:
     """Training dx columns (mean, a, b, k of cf) as fbn_tew op 1 wants them:
     mean and k as fbn_xfold gives them for the data type (float16: the mean
-    rounded to float and k with the rest; float32 and float64 as they are),
+    rounded to float and k with the rest; float32 as coefs_range folded them,
+    float64 as they are),
     as fbn_dx8 does; and, for the streamed dx (fbn_cl_dx_nt) and every
     float16 dx (fbn_cl_dx_line*), their padded copy dcols (stride C +
     FBN_COLPAD; float32 for float16 data)."""

@@ -757,16 +757,18 @@ static inline void fbn_xsstl_f16(uint16_t *p, const fbn_f8 *v) {
 #endif
 
 /* The float64 training-dx coefficients (mean m, b, k) as each type's lanes use
- * them in FBN_DX, always centred, dx = a g + (b (x - m) + k):
- *   float32 and float64: as they are, x - m in float64 lanes;
+ * them in FBN_DX, dx = a g + (b (x - m) + k):
+ *   float32 and float64: as they are, x - m in float64 lanes (float32: as
+ *     the caller gave them, m = +0 and k - b mean for channels whose mean is
+ *     near zero, see coefs_range in _cpu.pyx);
  *   float16: m rounded to float (hi) and k - b (m - hi), so that the float32
  *     lanes subtract x - hi (exact near the mean), as the forward's
  *     fbn_fold_s16.
- * Folding the mean into the constant instead, a g + (b x + (k - b m)), saves
- * the subtraction and a column but rounds the constant to 2^-53 of |b m|: for
- * a mean of 1e4 and a spread of one float32 ulp (2 values a channel, eps
- * 1e-12) dx came out 2e-4 off, 1.95x the float32 tolerance, where the
- * centred form is 3e-4 of it. */
+ * Folding the mean into the constant, a g + (b x + (k - b m)), saves the
+ * subtraction and a column but rounds the constant to 2^-53 of |b m|: for a
+ * mean of 1e4 and a spread of one float32 ulp (2 values a channel, eps 1e-12)
+ * dx came out 2e-4 off, 1.95x the float32 tolerance, where the centred form
+ * is 3e-4 of it; so the caller folds only near zero. */
 static inline void fbn_xfold_f64(double *m, double *k, double b) { (void)m; (void)k; (void)b; }
 #define fbn_xfold_f32 fbn_xfold_f64
 static inline void fbn_xfold_f16(double *m, double *k, double b) {
@@ -791,9 +793,20 @@ static inline fbn_f8 fbn_xdc_f16(const double *dcols, ptrdiff_t i) {
 }
 
 /* dx = a g + (b (x - m) + k): a subtraction and two fused multiply-adds in the
- * lanes' FMA. */
+ * lanes' FMA.  FBN_DXF with FOLD (a constant once inlined) leaves out the
+ * subtraction, for m = +0: x - (+0) is x for every x, so the same bits. */
 #define FBN_DX(FMA, A, G, B, X, M, K)                                             \
     FMA((A), (G), FMA((B), (X) - (M), (K)))
+#define FBN_DXF(FOLD, FMA, A, G, B, X, M, K)                                      \
+    FMA((A), (G), FMA((B), ((FOLD) ? (X) : (X) - (M)), (K)))
+
+/* Whether v is +0 (all bits clear); whether p[0:n] all are. */
+static inline int fbn_pzero(double v) { uint64_t u; memcpy(&u, &v, 8); return u == 0; }
+static inline int fbn_pzeros(const double *p, ptrdiff_t n) {
+    uint64_t o = 0, u;
+    for (ptrdiff_t i = 0; i < n; i++) { memcpy(&u, p + i, 8); o |= u; }
+    return o == 0;
+}
 
 /* The wide-tile path of fbn_tsums (below) for float32 data in 4-lane halves:
  * the same operations per channel in the same order, so the same bits.  On
@@ -855,21 +868,25 @@ static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
 /* ---- the per-type family ---------------------------------------------------
  * T storage type, S suffix, M math scalar, V math vector, W lanes, VS vector
  * suffix (d8 / s16), CVT scalar storage -> math conversion. */
-/* The body of a step of fbn_tew: channels [c0, c1) of rows rb, rb + RS, ... up
- * to re, each coefficient vector loaded once for them. */
-#define FBN_TEW_STEP(S, V, W, RS)                                                 \
-        if (op == 1) {                                                            \
+/* The training dx (op 1) of a step of fbn_tew (below), the mean left out with
+ * FOLD (z in fbn_tew: every mean in [c0, c1) is +0). */
+#define FBN_TEW_DX(S, RS, FOLD)                                                   \
             for (ptrdiff_t c = c0; c < c1; c += 8) {                              \
                 const fbn_x8_##S mv = fbn_xcol_##S(cf, c, C),                     \
                     av = fbn_xcol_##S(cf + C, c, C), bv = fbn_xcol_##S(cf + 2 * C, c, C), \
                     kv = fbn_xcol_##S(cf + 3 * C, c, C);                          \
                 for (ptrdiff_t r = rb; r < re; r += (RS)) {                       \
                     ptrdiff_t o = r * C + c;                                      \
-                    fbn_x8_##S v = FBN_DX(fbn_xfma_##S, av, fbn_xtld_##S(g + o, c, C), bv, \
-                                          fbn_xtld_##S(x + o, c, C), mv, kv);     \
+                    fbn_x8_##S v = FBN_DXF(FOLD, fbn_xfma_##S, av, fbn_xtld_##S(g + o, c, C), \
+                                           bv, fbn_xtld_##S(x + o, c, C), mv, kv); \
                     if (c + 8 <= C) fbn_xst_##S(y + o, v); else fbn_xstn_##S(y + o, C - c, v); \
                 }                                                                 \
-            }                                                                     \
+            }
+/* The body of a step of fbn_tew: channels [c0, c1) of rows rb, rb + RS, ... up
+ * to re, each coefficient vector loaded once for them. */
+#define FBN_TEW_STEP(S, V, W, RS)                                                 \
+        if (op == 1) {                                                            \
+            if (z) { FBN_TEW_DX(S, RS, 1) } else { FBN_TEW_DX(S, RS, 0) }         \
         } else if (op == 0) {                                                     \
             for (ptrdiff_t c = c0; c < c1; c += W) {                              \
                 const V hv = fbn_col_##S(hi, c, C), av = fbn_col_##S(a, c, C),    \
@@ -896,18 +913,26 @@ static inline void fbn_tsums4_f32(const float *x, const float *g, ptrdiff_t C,
 /* ---- contiguous runs (channels-first: one run = one (n, c) row of S) ---- */   \
                                                                                   \
 /* Training dx = a g + b (x - mean) + k in the type's dx lanes (fbn_x8_<S>),   \
- * with the coefficients as fbn_xfold_<S> gives them (the centred form). */     \
+ * with the coefficients as fbn_xfold_<S> gives them; without the subtraction     \
+ * where the mean is +0 (folded by the caller). */                                \
+static inline __attribute__((always_inline)) void fbn_dx8f_##S(                   \
+        const T *x, const T *g, T *y, ptrdiff_t n, const fbn_x8_##S m,            \
+        const fbn_x8_##S A, const fbn_x8_##S B, const fbn_x8_##S K, const int FOLD) { \
+    ptrdiff_t i = 0, r;                                                           \
+    for (; i + 8 <= n; i += 8)                                                    \
+        fbn_xst_##S(y + i, FBN_DXF(FOLD, fbn_xfma_##S, A, fbn_xld_##S(g + i), B,  \
+                                   fbn_xld_##S(x + i), m, K));                    \
+    if ((r = n - i) > 0)                                                          \
+        fbn_xstn_##S(y + i, r, FBN_DXF(FOLD, fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B, \
+                                       fbn_xldn_##S(x + i, r, 0), m, K));         \
+}                                                                                 \
 static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,         \
                                double mean, double a, double b, double k) {       \
     fbn_xfold_##S(&mean, &k, b);                                                  \
     const fbn_x8_##S m = fbn_xsplat_##S(mean), A = fbn_xsplat_##S(a),             \
                      B = fbn_xsplat_##S(b), K = fbn_xsplat_##S(k);                \
-    ptrdiff_t i = 0, r;                                                           \
-    for (; i + 8 <= n; i += 8)                                                    \
-        fbn_xst_##S(y + i, FBN_DX(fbn_xfma_##S, A, fbn_xld_##S(g + i), B, fbn_xld_##S(x + i), m, K)); \
-    if ((r = n - i) > 0)                                                          \
-        fbn_xstn_##S(y + i, r, FBN_DX(fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B, \
-                                      fbn_xldn_##S(x + i, r, 0), m, K));          \
+    if (fbn_pzero(mean)) fbn_dx8f_##S(x, g, y, n, m, A, B, K, 1);                 \
+    else fbn_dx8f_##S(x, g, y, n, m, A, B, K, 0);                                 \
 }                                                                                 \
                                                                                   \
 /* Chunk partials are kept as vectors, acc[0:8] and acc[8:16] (one lane per    \
@@ -1423,6 +1448,7 @@ static __attribute__((noinline)) void fbn_tew_parts_##S(                        
         int op, const T *x, const T *g, T *y, ptrdiff_t C, ptrdiff_t r0,          \
         ptrdiff_t c0, ptrdiff_t c1, const M *hi, const M *a, const M *b,          \
         const double *cf, ptrdiff_t rstep, ptrdiff_t hp) {                        \
+    const int z = op == 1 && fbn_pzeros(cf + c0, c1 - c0);                        \
     for (ptrdiff_t i = 0; i < hp; i++) {                                          \
         const ptrdiff_t rb = r0 + i, re = rb + rstep * hp;                        \
         FBN_TEW_STEP(S, V, W, hp)                                                 \
@@ -1458,6 +1484,7 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
         rstep = 2;                                                                \
     /* Steps i < hp: rows i, i + hp, ... (parts); then rstep rows in order. */  \
     const ptrdiff_t hp = rstep > 1 ? fbn_rparts(row, (r1 - r0) / rstep) : 0;    \
+    const int z = op == 1 && fbn_pzeros(cf + c0, c1 - c0);   /* see FBN_TEW_DX */ \
     if (hp > 0)                                                                   \
         fbn_tew_parts_##S(op, x, g, y, C, r0, c0, c1, hi, a, b, cf, rstep, hp);    \
     for (ptrdiff_t rb = r0 + rstep * hp; rb < r1; rb += rstep) {                  \
@@ -1601,8 +1628,9 @@ static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off, 
  * data, see fbn_xdc).  The same bits as fbn_tew op 1.  float32 and float64
  * only: float16 data take the line-wide fbn_cl_dx_line_f16 below. */
 #define FBN_CL_DX_NT(T, S)                                                        \
-static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
-                                    ptrdiff_t C, const double *dcols) {           \
+static inline __attribute__((always_inline)) void fbn_cl_dx_nt_##S(               \
+        const T *x, const T *g, T *y, ptrdiff_t n, ptrdiff_t C, const double *dcols, \
+        const int FOLD) {                                                         \
     const ptrdiff_t L = C + FBN_COLPAD, vb = 8 * (ptrdiff_t)sizeof(T);            \
     ptrdiff_t h = (ptrdiff_t)((vb - ((uintptr_t)y & (uintptr_t)(vb - 1))) & (uintptr_t)(vb - 1)) \
                   / (ptrdiff_t)sizeof(T);                                         \
@@ -1615,12 +1643,12 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
             if (i >= n) break;                                                    \
             r = i < h ? h - i : n - i;                                            \
             if (r > 8) r = 8;                                                     \
-            fbn_xstn_##S(y + i, r, FBN_DX(fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B, \
+            fbn_xstn_##S(y + i, r, FBN_DXF(FOLD, fbn_xfma_##S, A, fbn_xldn_##S(g + i, r, 0), B, \
                                           fbn_xldn_##S(x + i, r, 0), m, K));      \
         } else {                                                                  \
             r = 8;                                                                \
             FBN_PF(x + i); FBN_PF(g + i);                                         \
-            fbn_xsst_##S(y + i, FBN_DX(fbn_xfma_##S, A, fbn_xld_##S(g + i), B,    \
+            fbn_xsst_##S(y + i, FBN_DXF(FOLD, fbn_xfma_##S, A, fbn_xld_##S(g + i), B, \
                                        fbn_xld_##S(x + i), m, K));                \
         }                                                                         \
         i += r; c += r; if (c >= C) c = c >= 2 * C ? c % C : c - C;               \
@@ -1632,10 +1660,9 @@ static inline void fbn_cl_dx_nt_##S(const T *x, const T *g, T *y, ptrdiff_t n,  
  * top, then one streaming store), for dx just after x or g modulo 4 KiB          \
  * (fbn_dx_down).  The head before y's first line and the tail after its last     \
  * go first.  The same bits as fbn_cl_dx_nt. */                                   \
-static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(const T *x, const T *g,   \
-                                                       T *y, ptrdiff_t n,         \
-                                                       ptrdiff_t C,               \
-                                                       const double *dcols) {     \
+static inline __attribute__((always_inline)) void fbn_cl_dx_ntdf_##S(             \
+        const T *x, const T *g, T *y, ptrdiff_t n, ptrdiff_t C, const double *dcols, \
+        const int FOLD) {                                                         \
     enum { LV = 64 / (8 * sizeof(T)) };                                           \
     const ptrdiff_t L = C + FBN_COLPAD, LW = 8 * LV;                              \
     ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
@@ -1643,10 +1670,10 @@ static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(const T *x, const T *g, 
     fbn_x8_##S v[LV];                                                             \
     if (h > n) h = n;                                                             \
     e = h + (n - h) / LW * LW;                /* whole lines: [h, e) */           \
-    fbn_cl_dx_nt_##S(x, g, y, h, C, dcols);   /* the head, from channel 0 */      \
+    fbn_cl_dx_nt_##S(x, g, y, h, C, dcols, FOLD);   /* the head, from channel 0 */ \
     for (i = e, c = e % C; i < n; i += r, c = fbn_cstep(c, r, C)) {   /* the tail */ \
         r = n - i < 8 ? n - i : 8;                                                \
-        fbn_xstn_##S(y + i, r, FBN_DX(fbn_xfma_##S, fbn_xdc_##S(dcols, L + c),    \
+        fbn_xstn_##S(y + i, r, FBN_DXF(FOLD, fbn_xfma_##S, fbn_xdc_##S(dcols, L + c), \
                                       fbn_xldn_##S(g + i, r, 0), fbn_xdc_##S(dcols, 2 * L + c), \
                                       fbn_xldn_##S(x + i, r, 0), fbn_xdc_##S(dcols, c), \
                                       fbn_xdc_##S(dcols, 3 * L + c)));            \
@@ -1656,7 +1683,7 @@ static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(const T *x, const T *g, 
         FBN_PFD(x + i, -1); FBN_PFD(g + i, -1);                                   \
         for (int k = LV - 1; k >= 0; k--) {                                       \
             const ptrdiff_t j = i + 8 * k, ck = fbn_cstep(c, 8 * k, C);           \
-            v[k] = FBN_DX(fbn_xfma_##S, fbn_xdc_##S(dcols, L + ck), fbn_xld_##S(g + j), \
+            v[k] = FBN_DXF(FOLD, fbn_xfma_##S, fbn_xdc_##S(dcols, L + ck), fbn_xld_##S(g + j), \
                           fbn_xdc_##S(dcols, 2 * L + ck), fbn_xld_##S(x + j),     \
                           fbn_xdc_##S(dcols, ck), fbn_xdc_##S(dcols, 3 * L + ck)); \
         }                                                                         \
@@ -1668,16 +1695,16 @@ static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(const T *x, const T *g, 
  * holds whole rows: after the head every period starts on the same channel,   \
  * so the 4 NV columns of its vectors stay in registers, as fbn_cl_ntr does    \
  * for the forward.  Same bits. */                                              \
-static inline void fbn_cl_dx_ntr_##S(const T *x, const T *g, T *y, ptrdiff_t n,   \
-                                     ptrdiff_t C, const double *dcols,            \
-                                     const int NV) {                              \
+static inline __attribute__((always_inline)) void fbn_cl_dx_ntr_##S(              \
+        const T *x, const T *g, T *y, ptrdiff_t n, ptrdiff_t C, const double *dcols, \
+        const int NV, const int FOLD) {                                           \
     const ptrdiff_t L = C + FBN_COLPAD, vb = 8 * (ptrdiff_t)sizeof(T), P = 8 * NV; \
     ptrdiff_t h = (ptrdiff_t)((vb - ((uintptr_t)y & (uintptr_t)(vb - 1))) & (uintptr_t)(vb - 1)) \
                   / (ptrdiff_t)sizeof(T);                                         \
     ptrdiff_t i, c, r, k;                                                         \
     fbn_x8_##S m[8], A[8], B[8], K[8];                                            \
     if (h > n) h = n;                                                             \
-    fbn_cl_dx_nt_##S(x, g, y, h, C, dcols);          /* the head, ordinary */     \
+    fbn_cl_dx_nt_##S(x, g, y, h, C, dcols, FOLD);    /* the head, ordinary */     \
     c = h % C;                                                                    \
     for (k = 0; k < NV; k++) {                                                    \
         ptrdiff_t ck = (c + 8 * k) % C;                                           \
@@ -1688,16 +1715,16 @@ static inline void fbn_cl_dx_ntr_##S(const T *x, const T *g, T *y, ptrdiff_t n, 
         for (k = 0; k < NV; k++) {                                                \
             const ptrdiff_t o = i + 8 * k;                                        \
             FBN_PF(x + o); FBN_PF(g + o);                                         \
-            fbn_xsst_##S(y + o, FBN_DX(fbn_xfma_##S, A[k], fbn_xld_##S(g + o), B[k], \
+            fbn_xsst_##S(y + o, FBN_DXF(FOLD, fbn_xfma_##S, A[k], fbn_xld_##S(g + o), B[k], \
                                        fbn_xld_##S(x + o), m[k], K[k]));          \
         }                                                                         \
     for (k = 0; i < n; i += r, k++) {          /* the rest: under a period */     \
         r = n - i < 8 ? n - i : 8;                                                \
         if (r == 8)                                                               \
-            fbn_xsst_##S(y + i, FBN_DX(fbn_xfma_##S, A[k], fbn_xld_##S(g + i), B[k], \
+            fbn_xsst_##S(y + i, FBN_DXF(FOLD, fbn_xfma_##S, A[k], fbn_xld_##S(g + i), B[k], \
                                        fbn_xld_##S(x + i), m[k], K[k]));          \
         else                                                                      \
-            fbn_xstn_##S(y + i, r, FBN_DX(fbn_xfma_##S, A[k], fbn_xldn_##S(g + i, r, 0), \
+            fbn_xstn_##S(y + i, r, FBN_DXF(FOLD, fbn_xfma_##S, A[k], fbn_xldn_##S(g + i, r, 0), \
                                           B[k], fbn_xldn_##S(x + i, r, 0), m[k], K[k])); \
     }                                                                             \
 }                                                                                 \
@@ -1706,18 +1733,40 @@ static inline void fbn_cl_dx_ntr_##S(const T *x, const T *g, T *y, ptrdiff_t n, 
  * with 5-8 vectors back to loads from dcols, float32 64 channels took 1.10-   \
  * 1.24x the time, and float64 gained 0.87-0.98 from 5-8); returns 0          \
  * otherwise. */                                                                 \
-static inline int fbn_cl_dx_ntv_##S(const T *x, const T *g, T *y, ptrdiff_t n,    \
-                                    ptrdiff_t C, const double *dcols) {           \
+static inline __attribute__((always_inline)) int fbn_cl_dx_ntv_##S(               \
+        const T *x, const T *g, T *y, ptrdiff_t n, ptrdiff_t C, const double *dcols, \
+        const int FOLD) {                                                         \
     switch (fbn_period(C, 8)) {                                                   \
-    case 1: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 1); return 1;                 \
-    case 2: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 2); return 1;                 \
-    case 3: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 3); return 1;                 \
-    case 4: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 4); return 1;                 \
-    case 5: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 5); return 1;                 \
-    case 6: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 6); return 1;                 \
-    case 7: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 7); return 1;                 \
-    case 8: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 8); return 1;                 \
+    case 1: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 1, FOLD); return 1;           \
+    case 2: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 2, FOLD); return 1;           \
+    case 3: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 3, FOLD); return 1;           \
+    case 4: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 4, FOLD); return 1;           \
+    case 5: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 5, FOLD); return 1;           \
+    case 6: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 6, FOLD); return 1;           \
+    case 7: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 7, FOLD); return 1;           \
+    case 8: fbn_cl_dx_ntr_##S(x, g, y, n, C, dcols, 8, FOLD); return 1;           \
     default: return 0;                                                            \
+    }                                                                             \
+}                                                                                 \
+static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(                          \
+        const T *x, const T *g, T *y, ptrdiff_t n, ptrdiff_t C, const double *dcols, \
+        const int z) {                                                            \
+    if (z) fbn_cl_dx_ntdf_##S(x, g, y, n, C, dcols, 1);                           \
+    else fbn_cl_dx_ntdf_##S(x, g, y, n, C, dcols, 0);                             \
+}                                                                                 \
+/* The channels-last streamed training dx: fbn_cl_dx_ntd where dx lies just       \
+ * after x or g modulo 4 KiB (fbn_dx_down), else fbn_cl_dx_ntv where the period   \
+ * fits in registers, else fbn_cl_dx_nt; each without the mean column where all   \
+ * of it is +0 (folded by the caller: the same bits, see FBN_DXF). */             \
+static inline void fbn_cl_dx_##S(const T *x, const T *g, T *y, ptrdiff_t n,       \
+                                 ptrdiff_t C, const double *dcols) {              \
+    const int z = fbn_pzeros(dcols, C);                                           \
+    if (fbn_dx_down_##S(x, g, y)) fbn_cl_dx_ntd_##S(x, g, y, n, C, dcols, z);     \
+    else if (z) {                                                                 \
+        if (!fbn_cl_dx_ntv_##S(x, g, y, n, C, dcols, 1))                          \
+            fbn_cl_dx_nt_##S(x, g, y, n, C, dcols, 1);                            \
+    } else if (!fbn_cl_dx_ntv_##S(x, g, y, n, C, dcols, 0)) {                     \
+        fbn_cl_dx_nt_##S(x, g, y, n, C, dcols, 0);                                \
     }                                                                             \
 }
 
