@@ -8,6 +8,8 @@ failures shrink to small shapes.
 Profiles (environment variable FASTBN_HYPOTHESIS):
   ci (default)  about 2,600 derandomized cases, well under a minute on 2 cores
   dev           a quick tenth of that
+  deep          ten times ci, derandomized (the same cases every run): CI's
+                second pass over this file, about two minutes
   thorough      ten times ci, random seeds, for a nightly run
 """
 
@@ -30,9 +32,10 @@ _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("fastbn-ci", derandomize=True, database=None, **_COMMON)
 settings.register_profile("fastbn-dev", **_COMMON)
+settings.register_profile("fastbn-deep", derandomize=True, database=None, **_COMMON)
 settings.register_profile("fastbn-thorough", **_COMMON)
 PROFILE = os.environ.get("FASTBN_HYPOTHESIS", "ci")
-SCALE = {"ci": 1.0, "dev": 0.1, "thorough": 10.0}[PROFILE]
+SCALE = {"ci": 1.0, "dev": 0.1, "deep": 10.0, "thorough": 10.0}[PROFILE]
 
 
 def examples(n):
