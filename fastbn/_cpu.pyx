@@ -553,11 +553,12 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
       one rounding, dx = a dy + (b x + k'), and the dx kernels leave out the
       subtraction where the mean is +0 (x - (+0) is x, the same bits).  The
       constant's rounding is then 2^-53 |k - b mean| <= 2^-53 (FOLD_SIGMAS + 1)
-      |a| rms(dy) (|b mean| = |a| invstd^2 |mean(dy (x - mean))| |mean| and
-      |mean(dy (x - mean))| <= rms(dy) / invstd), within FOLD_SIGMAS + 1 of the
-      rounding the centred form already has from its own k.  Other channels stay
-      centred, b (x - mean) + k: one float32 ulp of spread 2e7 standard
-      deviations from zero, folded, came out 1.95x the float32 tolerance off.
+      |a| rms(dy) (|k| <= |a| rms(dy), |b mean| = |a| invstd^2 |mean(dy (x -
+      mean))| |mean| and |mean(dy (x - mean))| <= rms(dy) / invstd): 1.9e-15 of
+      the a dy term's scale, half a float32 ulp of dx only where dx cancels that
+      term by about 3e7.  Other channels stay centred, b (x - mean) + k: one
+      float32 ulp of spread 2e7 standard deviations from zero, folded, came out
+      1.95x the float32 tolerance off.
     Loops without calls, each writing one array, for the compiler's vector
     units (divisions, square roots; a loop writing four arrays needs more
     run-time overlap checks than it will version for, and stays scalar): the
