@@ -179,6 +179,19 @@ DEF CTASK = 256
 # boundary ((64, 512) float32, 1 KiB a thread: 1.3-2.1x slower at 2 threads,
 # though one thread took the same tiles in 0.89-1.06 of the time).
 DEF TILED_SPAN = 4096
+# One thread takes the channel tiles too for training work of one row chunk
+# whose x is at least this big: x and y (or dy) then outgrow the 1 MiB L2, and
+# a tile's second read comes from L2 rather than L3.  A/B, 1 thread, rotated
+# medians of 15-21, float32, time tiled / two passes: backward (64, 2048)
+# 0.94-0.97 (three runs), (48, 2048) 0.97, (32, 4096) 0.95-0.97, (12, 8192)
+# 0.95, (16, 16384) 0.93-0.98; training forward 0.91-0.95, 0.95, 0.93-0.96,
+# 0.94, 0.92-0.97.  (64, 1024), 256 KiB: training forward 1.04-1.05x slower
+# tiled, so it keeps the two passes (its untouched rows move 0.95-1.05 from
+# run to run).  float64 (64, 1024), (64, 2048), (48, 1024): backward 0.95,
+# 0.95, 1.01, training forward 0.97, 0.90, 0.87; float16 (48-64, 4096-8192):
+# backward 0.78-0.80, training forward 0.96-1.00.  The eval-mode backward
+# keeps its one pass.
+DEF TILED_ONE_BYTES = 393216
 DEF COL_SLACK = 520          # doubles: col_phase moves the columns up to 4 KiB + 64 B
 DEF NT4_ROW = 8192          # channels-last forward rows streamed four quarters at
                             # once from here (cl_nt); A/B, 1 thread: 2048-4096 float32
@@ -972,9 +985,13 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     # tiles through every phase (nhwc_tiled).  In eval mode, whose one pass
     # would run on one thread here; in training, only under MIN_ROWS rows: from
     # there the two passes below were faster ((64, 2048) float32 at 2 threads:
-    # 1.08x slower tiled, training forward 1.15x; (32, 4096) 0.85 / 0.93).
-    if (reduce and not j.stream and j.n_threads > 1 and nq < j.n_threads
-            and (op == 2 or M < MIN_ROWS)
+    # 1.08x slower tiled, training forward 1.15x; (32, 4096) 0.85 / 0.93).  One
+    # thread: training work of one row chunk from TILED_ONE_BYTES.
+    cdef bint one_tiled = (j.n_threads == 1 and nq == 1 and op != 2
+                           and M * C * <Py_ssize_t>sizeof(data_t) >= TILED_ONE_BYTES)
+    if (reduce and not j.stream
+            and ((j.n_threads > 1 and nq < j.n_threads and (op == 2 or M < MIN_ROWS))
+                 or one_tiled)
             and C * <Py_ssize_t>sizeof(data_t) >= TILED_SPAN * j.n_threads
             and team(cdiv(C, CTASK), M * C, j.n_threads) == j.n_threads):
         nhwc_tiled(j, x, g, op, train, fwd, nq, R, shift, part, cf, tot, cols, rm, rv, w, b)

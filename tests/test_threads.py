@@ -27,7 +27,8 @@ CASES = [
     ((16, 9000), 1),           # short and wide: every phase by channel tiles at 2-3
                                # threads (nhwc_tiled), a partial last tile
     ((64, 2100), 1),           # one row chunk: the eval-mode backward by channel
-                               # tiles (float32 / float64), the training ops not
+                               # tiles (float32 / float64); the training ops by
+                               # channel tiles at one thread only (TILED_ONE_BYTES)
 ]
 
 
