@@ -1443,12 +1443,12 @@ static inline void fbn_tsums_##S(const T *x, const T *g, ptrdiff_t C,           
                                                                                   \
 /* The steps of fbn_tew that take their rows from parts (fbn_rparts): rows   \
  * r0 + i, r0 + i + hp, ... (rstep of them) for i < hp.  Out of line: inlined,  \
- * the consecutive steps' loops ran 4-14 % slower on 128-256 B rows in cache. */ \
+ * the consecutive steps' loops ran 4-14 % slower on 128-256 B rows in cache.     \
+ * z: fbn_tew's (every mean +0, FBN_TEW_DX). */                                   \
 static __attribute__((noinline)) void fbn_tew_parts_##S(                        \
         int op, const T *x, const T *g, T *y, ptrdiff_t C, ptrdiff_t r0,          \
         ptrdiff_t c0, ptrdiff_t c1, const M *hi, const M *a, const M *b,          \
-        const double *cf, ptrdiff_t rstep, ptrdiff_t hp) {                        \
-    const int z = op == 1 && fbn_pzeros(cf + c0, c1 - c0);                        \
+        const double *cf, ptrdiff_t rstep, ptrdiff_t hp, int z) {                 \
     for (ptrdiff_t i = 0; i < hp; i++) {                                          \
         const ptrdiff_t rb = r0 + i, re = rb + rstep * hp;                        \
         FBN_TEW_STEP(S, V, W, hp)                                                 \
@@ -1486,7 +1486,7 @@ static inline void fbn_tew_##S(int op, const T *x, const T *g, T *y, ptrdiff_t C
     const ptrdiff_t hp = rstep > 1 ? fbn_rparts(row, (r1 - r0) / rstep) : 0;    \
     const int z = op == 1 && fbn_pzeros(cf + c0, c1 - c0);   /* see FBN_TEW_DX */ \
     if (hp > 0)                                                                   \
-        fbn_tew_parts_##S(op, x, g, y, C, r0, c0, c1, hi, a, b, cf, rstep, hp);    \
+        fbn_tew_parts_##S(op, x, g, y, C, r0, c0, c1, hi, a, b, cf, rstep, hp, z); \
     for (ptrdiff_t rb = r0 + rstep * hp; rb < r1; rb += rstep) {                  \
         const ptrdiff_t re = rb + rstep < r1 ? rb + rstep : r1;                   \
         FBN_TEW_STEP(S, V, W, 1)                                                  \
