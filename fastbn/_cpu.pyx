@@ -982,16 +982,18 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
             shift[c] = j.mean[c] if grad else ld(x, c)
     # Fewer row chunks than threads (short, wide tensors), in cache, with
     # TILED_SPAN bytes of each row a thread: each thread takes whole channel
-    # tiles through every phase (nhwc_tiled).  In eval mode, whose one pass
-    # would run on one thread here; in training, only under MIN_ROWS rows: from
-    # there the two passes below were faster ((64, 2048) float32 at 2 threads:
-    # 1.08x slower tiled, training forward 1.15x; (32, 4096) 0.85 / 0.93).  One
-    # thread: training work of one row chunk from TILED_ONE_BYTES.
+    # tiles through every phase (nhwc_tiled); in eval mode, whose one pass
+    # would run on one thread here, and in training.  Training at 64 rows (one
+    # chunk) measured 1.08-1.15x slower tiled in CPU session 11; in session 20,
+    # 2 threads, time tiled / two passes, rotated and best of 15: float32
+    # (64, 2048) / (64, 4096) / (64, 8192) / (64, 16384) training forward
+    # 0.84-0.90, backward 0.87-1.01; float64 training forward 0.84-0.88,
+    # backward 0.96-0.98; float16 (64, 4096-8192) backward 0.65, training forward
+    # 0.89.  From memory (cold) float32 took 1.01-1.05x.  One thread: training
+    # work of one row chunk from TILED_ONE_BYTES.
     cdef bint one_tiled = (j.n_threads == 1 and nq == 1 and op != 2
                            and M * C * <Py_ssize_t>sizeof(data_t) >= TILED_ONE_BYTES)
-    if (reduce and not j.stream
-            and ((j.n_threads > 1 and nq < j.n_threads and (op == 2 or M < MIN_ROWS))
-                 or one_tiled)
+    if (reduce and not j.stream and ((j.n_threads > 1 and nq < j.n_threads) or one_tiled)
             and C * <Py_ssize_t>sizeof(data_t) >= TILED_SPAN * j.n_threads
             and team(cdiv(C, CTASK), M * C, j.n_threads) == j.n_threads):
         nhwc_tiled(j, x, g, op, train, fwd, nq, R, shift, part, cf, tot, cols, rm, rv, w, b)

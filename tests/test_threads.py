@@ -26,9 +26,10 @@ CASES = [
                                # coefficients (PAR_CHANNELS)
     ((16, 9000), 1),           # short and wide: every phase by channel tiles at 2-3
                                # threads (nhwc_tiled), a partial last tile
-    ((64, 2100), 1),           # one row chunk: the eval-mode backward by channel
-                               # tiles (float32 / float64); the training ops by
-                               # channel tiles at one thread only (TILED_ONE_BYTES)
+    ((64, 2100), 1),           # one row chunk: every op by channel tiles (nhwc_tiled)
+                               # at 1 and 2 threads, float32 not at 3 (8400-byte rows)
+    ((40, 2100), 1),           # float32 tiled at 2 threads only (one thread: under
+                               # TILED_ONE_BYTES for training)
 ]
 
 
