@@ -41,6 +41,10 @@ class Context:
     mean, invstd : (C,) float64 numpy arrays
         The statistics the forward normalised with: batch statistics in
         training, running statistics in inference.
+    mean_lo : (C,) float64 numpy array or None
+        In training on the CPU: what the final rounding of the batch mean
+        to float64 lost (exactly), which the backward adds back for data far
+        from zero with a small spread.
     layout : "nchw" or "nhwc"
         The kernel layout the forward used (channels-first (N, C, S) or
         channels-last (M, C) memory).
@@ -49,7 +53,7 @@ class Context:
         through them) or frozen statistics.
     """
 
-    __slots__ = ("mean", "invstd", "layout", "training", "x", "weight", "weight_dtype",
+    __slots__ = ("mean", "invstd", "mean_lo", "layout", "training", "x", "weight", "weight_dtype",
                  "bias_dtype", "spatial", "shape", "dtype", "perm", "adapter", "device",
                  "num_features", "plain")
 
@@ -405,6 +409,9 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
             _check_finite(xp, stats._var, "stats.var")
     mean = xp.empty(C, _F64)
     invstd = xp.empty(C, _F64)
+    # the batch mean's float64 rounding error, where the backend keeps it (_cpu.MEAN_LO)
+    lo = xp.empty(C, _F64) if training and E and getattr(kernels, "MEAN_LO", False) else None
+    extra = {} if lo is None else {"mean_lo": lo}
     if E == 0:
         # As PyTorch's BatchNorm layers: an empty batch gives an empty y and
         # leaves the running mean and variance alone, but is counted.
@@ -426,13 +433,13 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
             try:
                 getattr(kernels, "forward_train_" + layout)(
                     xv, yv, w, b, mean, invstd, stats._mean, stats._var,
-                    stats._next_factor(), eps, nt)
+                    stats._next_factor(), eps, nt, **extra)
                 stats._count += 1
             finally:
                 lock.release()
         else:
             getattr(kernels, "forward_train_" + layout)(
-                xv, yv, w, b, mean, invstd, None, None, 0.0, eps, nt)
+                xv, yv, w, b, mean, invstd, None, None, 0.0, eps, nt, **extra)
     else:
         getattr(kernels, "forward_infer_" + layout)(
             xv, yv, w, b, mean, invstd, stats._mean, stats._var, eps, nt)
@@ -440,6 +447,7 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
     ctx = Context()
     ctx.mean = mean
     ctx.invstd = invstd
+    ctx.mean_lo = lo
     ctx.layout = layout
     ctx.training = training
     # An in-place inference overwrote x: backward can still give dx, not dweight.
@@ -503,10 +511,11 @@ def _forward_plain(x, weight, bias, stats, training, eps, axis, out, num_threads
         return None
     if hit is None:
         return None
-    y, mean, invstd, nhwc, C, S, in_place = hit
+    y, mean, invstd, lo, nhwc, C, S, in_place = hit
     ctx = Context()
     ctx.mean = mean
     ctx.invstd = invstd
+    ctx.mean_lo = lo
     ctx.layout = NHWC if nhwc else NCHW
     ctx.training = training
     ctx.x = None if in_place else x          # x itself, not a kernel view: see plain
@@ -535,7 +544,7 @@ def _backward_plain(dy, ctx, out, num_threads):
     hit = _cpu_backward_plain(
         ctx.x, dy, out, ctx.mean, ctx.invstd, ctx.weight, ctx.layout == NHWC,
         ctx.num_features, ctx.spatial, ctx.training, ctx.weight_dtype is not None,
-        ctx.bias_dtype is not None, nt)
+        ctx.bias_dtype is not None, nt, ctx.mean_lo)
     if hit is None:
         return None
     if out is not None:
@@ -639,9 +648,10 @@ def backward(dy, ctx, *, out=None, num_threads=None, check_finite=False):
     dweight = None if ctx.weight_dtype is None else xp.empty(C, pdtype)
     dbias = None if ctx.bias_dtype is None else xp.empty(C, pdtype)
     if dyv.size:
+        extra = {} if ctx.mean_lo is None else {"mean_lo": ctx.mean_lo}
         getattr(kernels, "backward_" + layout)(xv if xv is not None else dyv, dyv, dxv,
                                                ctx.mean, ctx.invstd, ctx.weight, dweight,
-                                               dbias, ctx.training, nt)
+                                               dbias, ctx.training, nt, **extra)
     else:                    # empty batch: sums over nothing, as PyTorch
         for g in (dweight, dbias):
             if g is not None:

@@ -257,6 +257,8 @@ ctypedef struct Job:
     const void* bias                  # IN    or NULL (= 0)
     double* mean                      # OUT forward / IN backward, float64 (C,)
     double* invstd                    # OUT forward / IN backward, float64 (C,)
+    double* mean_lo                   # OUT training forward / IN training backward,
+                                      # float64 (C,), or NULL: mean's rounding error
     void* running_mean                # INOUT or NULL
     void* running_var                 # INOUT or NULL
     void* dweight                     # OUT   or NULL
@@ -512,7 +514,7 @@ cdef void stats_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, const do
     Array loops with no call inside, which the compiler turns into vector
     divisions and square roots (the same bits as one channel at a time); the
     biased variance waits in j.invstd for the running update."""
-    cdef double dn = <double>n, f = j.factor, eps = j.eps, m, var
+    cdef double dn = <double>n, f = j.factor, eps = j.eps, m, var, t
     cdef double* mean = j.mean
     cdef double* inv = j.invstd
     cdef Py_ssize_t c
@@ -528,6 +530,11 @@ cdef void stats_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, const do
             var = 0.0
         mean[c] = shift[c] + m
         inv[c] = var
+    if j.mean_lo != NULL:      # what rounding shift + m lost (TwoSum): see MEAN_LO
+        for c in range(c0, c1):
+            m = s1[c] / dn
+            t = mean[c] - shift[c]
+            j.mean_lo[c] = (shift[c] - (mean[c] - t)) + (m - t)
     if rm != NULL:
         for c in range(c0, c1):
             rm[c] = <param_t>((1.0 - f) * <double>rm[c] + f * mean[c])
@@ -539,7 +546,10 @@ cdef void stats_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, const do
 cdef inline void grad_outputs(Job* j, Py_ssize_t c, double sdy, double sdyx,
                               const param_t* w) noexcept nogil:
     """dweight / dbias of channel c from sdy = sum(dy), sdyx = sum(dy * (x - mean))
-    (w only selects the parameter type)."""
+    (w only selects the parameter type); with j.mean_lo, sdyx is taken about
+    mean + mean_lo (see MEAN_LO)."""
+    if j.mean_lo != NULL:
+        sdyx = fma(-j.mean_lo[c], sdy, sdyx)
     if j.dweight != NULL:
         (<param_t*>j.dweight)[c] = <param_t>(sdyx * j.invstd[c])
     if j.dbias != NULL:
@@ -559,7 +569,9 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
       sum(dy), s2 = sum(dy (x - mean)), also writing dweight / dbias (not when
       s1 is NULL: the eval-mode one pass writes them after); in eval mode
       b = k = 0, as the forward's y = (dy - 0) a + b with b = -0, which is a dy
-      exactly (see fbn_fold_s16), so the streamed writers take it.
+      exactly (see fbn_fold_s16), so the streamed writers take it.  With
+      j.mean_lo (training), s2 and the dx are taken about mean + mean_lo
+      (MEAN_LO): b from s2 - mean_lo s1, and k less b mean_lo.
       With fold (float32 data), the training dx of a channel whose mean lies
       within FOLD_SIGMAS of its standard deviations (|mean| invstd, eps
       included) takes the mean into the constant: mean 0 and k - b mean with
@@ -579,6 +591,7 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
     cdef double dn = <double>n
     cdef const double* mean = j.mean
     cdef const double* invstd = j.invstd
+    cdef const double* lo = j.mean_lo
     cdef Py_ssize_t c
     if fwd:
         stats_range(j, c0, c1, train, s1, s2, shift, n, rm, rv)
@@ -603,10 +616,17 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
         for c in range(c0, c1):
             ck[c * cs] = 0.0
     elif j.training:
-        for c in range(c0, c1):
-            cb[c * cs] = -ca[c * cs] * invstd[c] * invstd[c] * s2[c] / dn
+        if lo == NULL:
+            for c in range(c0, c1):
+                cb[c * cs] = -ca[c * cs] * invstd[c] * invstd[c] * s2[c] / dn
+        else:                  # about mean + lo (MEAN_LO)
+            for c in range(c0, c1):
+                cb[c * cs] = -ca[c * cs] * invstd[c] * invstd[c] * fma(-lo[c], s1[c], s2[c]) / dn
         for c in range(c0, c1):
             ck[c * cs] = -ca[c * cs] * s1[c] / dn
+        if lo != NULL:         # b (x - (mean + lo)) = b (x - mean) - b lo
+            for c in range(c0, c1):
+                ck[c * cs] = fma(-cb[c * cs], lo[c], ck[c * cs])
         if fold:
             for c in range(c0, c1):
                 if fabs(cm[c * cs]) * invstd[c] <= FOLD_SIGMAS:
@@ -1385,9 +1405,11 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
                     object bias, cnp.ndarray mean, cnp.ndarray invstd, object running_mean,
                     object running_var, object dweight, object dbias, double factor,
                     double eps, bint training, int n_threads, Py_ssize_t N=-1,
-                    Py_ssize_t C=0, Py_ssize_t S=0):
+                    Py_ssize_t C=0, Py_ssize_t S=0, object mean_lo=None):
     """Run one kernel; (N, C, S) given for arrays that are not kernel views
-    (the plain lanes), else read from x's shape."""
+    (the plain lanes), else read from x's shape.  mean_lo: float64 (C,) or
+    None, written by the training forward, read by the training backward
+    (MEAN_LO); ignored by the other ops."""
     cdef Job j
     cdef int rc
     cdef object p
@@ -1412,6 +1434,10 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     j.bias = data_or_null(bias)
     j.mean = <double*>cnp.PyArray_DATA(mean)
     j.invstd = <double*>cnp.PyArray_DATA(invstd)
+    j.mean_lo = NULL
+    if mean_lo is not None and (op == FWD_TRAIN_NCHW or op == FWD_TRAIN_NHWC
+                                or ((op == BWD_NCHW or op == BWD_NHWC) and training)):
+        j.mean_lo = <double*>cnp.PyArray_DATA(<cnp.ndarray>mean_lo)
     j.running_mean = data_or_null(running_mean)
     j.running_var = data_or_null(running_var)
     j.dweight = data_or_null(dweight)
@@ -1461,21 +1487,34 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
 # *_nhwc, of one dtype (float32, float64 or float16).  weight, bias,
 # running_mean, running_var, dweight, dbias are (C,) arrays of one parameter
 # dtype (float32 or float64) or None.  mean and invstd are float64 (C,).
+#
+# MEAN_LO: the training forward can also write mean_lo, float64 (C,), what
+# rounding the batch mean to float64 lost (mean = shift + sum / n, rounded to
+# ulp(mean); mean_lo is that rounding's error, by TwoSum), and the training
+# backward then takes x - mean about mean + mean_lo: its gradient sum
+# sum(dy (x - mean)) less mean_lo sum(dy), and dx's constant less b mean_lo.
+# Without it, data far from zero with a small spread lose |mean| 2^-53 in
+# every x - mean, which the training dx's cancellation amplifies: float32
+# values 1e4 apart by one ulp (5 a channel, eps 1e-12, no weight) gave dx
+# 2.0x the float32 tolerance off (the hypothesis 'thorough' profile found
+# it), where the mean's rounding error was 9e-13 against a spread of 4e-4.
+MEAN_LO = True
 
 def forward_train_nchw(x, y, weight, bias, mean, invstd, running_mean, running_var,
-                       double factor, double eps, int n_threads):
+                       double factor, double eps, int n_threads, mean_lo=None):
     """Training forward.  IN x, weight, bias; OUT y, mean, invstd (batch
-    statistics); INOUT running_mean, running_var, updated with
-    r <- (1 - factor) r + factor * stat (unbiased variance)."""
+    statistics), mean_lo (MEAN_LO; or None); INOUT running_mean,
+    running_var, updated with r <- (1 - factor) r + factor * stat (unbiased
+    variance)."""
     execute(FWD_TRAIN_NCHW, x, y, None, weight, bias, mean, invstd, running_mean,
-            running_var, None, None, factor, eps, True, n_threads)
+            running_var, None, None, factor, eps, True, n_threads, -1, 0, 0, mean_lo)
 
 
 def forward_train_nhwc(x, y, weight, bias, mean, invstd, running_mean, running_var,
-                       double factor, double eps, int n_threads):
+                       double factor, double eps, int n_threads, mean_lo=None):
     """Channels-last twin of forward_train_nchw."""
     execute(FWD_TRAIN_NHWC, x, y, None, weight, bias, mean, invstd, running_mean,
-            running_var, None, None, factor, eps, True, n_threads)
+            running_var, None, None, factor, eps, True, n_threads, -1, 0, 0, mean_lo)
 
 
 def forward_infer_nchw(x, y, weight, bias, mean, invstd, running_mean, running_var,
@@ -1494,19 +1533,20 @@ def forward_infer_nhwc(x, y, weight, bias, mean, invstd, running_mean, running_v
 
 
 def backward_nchw(x, dy, dx, mean, invstd, weight, dweight, dbias, bint training,
-                  int n_threads):
-    """Backward.  IN x, dy, mean, invstd (from the forward), weight; OUT dx,
-    dweight, dbias (either may be None).  training: through the batch
-    statistics; otherwise the statistics were constants (eval mode)."""
+                  int n_threads, mean_lo=None):
+    """Backward.  IN x, dy, mean, invstd, mean_lo (from the forward; mean_lo
+    may be None), weight; OUT dx, dweight, dbias (either may be None).
+    training: through the batch statistics; otherwise the statistics were
+    constants (eval mode)."""
     execute(BWD_NCHW, x, dx, dy, weight, None, mean, invstd, None, None, dweight,
-            dbias, 0.0, 0.0, training, n_threads)
+            dbias, 0.0, 0.0, training, n_threads, -1, 0, 0, mean_lo)
 
 
 def backward_nhwc(x, dy, dx, mean, invstd, weight, dweight, dbias, bint training,
-                  int n_threads):
+                  int n_threads, mean_lo=None):
     """Channels-last twin of backward_nchw."""
     execute(BWD_NHWC, x, dx, dy, weight, None, mean, invstd, None, None, dweight,
-            dbias, 0.0, 0.0, training, n_threads)
+            dbias, 0.0, 0.0, training, n_threads, -1, 0, 0, mean_lo)
 
 
 # ----------------------------------------------------------------------------
@@ -1585,7 +1625,7 @@ cdef inline int param_typenum(int typenum) noexcept:
 def forward_plain(x, out, weight, bias, running_mean, running_var, double factor,
                   double eps, bint training, int axis, int n_threads):
     """A plain numpy forward (see above), or None.  Returns (y, mean, invstd,
-    nhwc, C, S, in_place).  The caller has checked eps, training, the
+    mean_lo (training; else None), nhwc, C, S, in_place).  The caller has checked eps, training, the
     RunningStats object and n_threads; running_mean / running_var are its
     buffers (or None)."""
     cdef cnp.ndarray xa, ya
@@ -1635,20 +1675,22 @@ def forward_plain(x, out, weight, bias, running_mean, running_var, double factor
     cdim[0] = C
     mean = cnp.PyArray_EMPTY(1, cdim, cnp.NPY_FLOAT64, 0)
     invstd = cnp.PyArray_EMPTY(1, cdim, cnp.NPY_FLOAT64, 0)
+    mean_lo = cnp.PyArray_EMPTY(1, cdim, cnp.NPY_FLOAT64, 0) if training else None
     if training:
         op = FWD_TRAIN_NHWC if nhwc else FWD_TRAIN_NCHW
     else:
         op = FWD_INFER_NHWC if nhwc else FWD_INFER_NCHW
     execute(op, xa, ya, None, weight, bias, mean, invstd, running_mean, running_var, None,
             None, factor, eps, training, n_threads,
-            E // C if nhwc else cnp.PyArray_DIM(xa, 0), C, 1 if nhwc else S)
-    return ya, mean, invstd, nhwc, C, S, in_place
+            E // C if nhwc else cnp.PyArray_DIM(xa, 0), C, 1 if nhwc else S, mean_lo)
+    return ya, mean, invstd, mean_lo, nhwc, C, S, in_place
 
 
 def backward_plain(x, dy, out, mean, invstd, weight, bint nhwc, Py_ssize_t C, Py_ssize_t S,
-                   bint training, bint want_dweight, bint want_dbias, int n_threads):
+                   bint training, bint want_dweight, bint want_dbias, int n_threads,
+                   mean_lo=None):
     """A plain numpy backward, or None.  x is the forward's plain input (its
-    context's), mean / invstd / weight its statistics and parameter.  Returns
+    context's), mean / invstd / mean_lo / weight its statistics and parameter.  Returns
     (dx, dweight, dbias), None where not wanted."""
     cdef cnp.ndarray xa = <cnp.ndarray>x, ga, da
     cdef object o
@@ -1672,7 +1714,8 @@ def backward_plain(x, dy, out, mean, invstd, weight, bint nhwc, Py_ssize_t C, Py
     dbias = cnp.PyArray_EMPTY(1, cdim, ptype, 0) if want_dbias else None
     execute(BWD_NHWC if nhwc else BWD_NCHW, xa, da, ga, weight, None, mean, invstd, None,
             None, dweight, dbias, 0.0, 0.0, training, n_threads,
-            cnp.PyArray_SIZE(xa) // C if nhwc else cnp.PyArray_DIM(xa, 0), C, 1 if nhwc else S)
+            cnp.PyArray_SIZE(xa) // C if nhwc else cnp.PyArray_DIM(xa, 0), C, 1 if nhwc else S,
+            mean_lo)
     return da, dweight, dbias
 
 
