@@ -546,10 +546,7 @@ cdef void stats_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, const do
 cdef inline void grad_outputs(Job* j, Py_ssize_t c, double sdy, double sdyx,
                               const param_t* w) noexcept nogil:
     """dweight / dbias of channel c from sdy = sum(dy), sdyx = sum(dy * (x - mean))
-    (w only selects the parameter type); with j.mean_lo, sdyx is taken about
-    mean + mean_lo (see MEAN_LO)."""
-    if j.mean_lo != NULL:
-        sdyx = fma(-j.mean_lo[c], sdy, sdyx)
+    (w only selects the parameter type)."""
     if j.dweight != NULL:
         (<param_t*>j.dweight)[c] = <param_t>(sdyx * j.invstd[c])
     if j.dbias != NULL:
@@ -595,9 +592,9 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
     cdef Py_ssize_t c
     if fwd:
         stats_range(j, c0, c1, train, s1, s2, shift, n, rm, rv)
-    elif s1 != NULL:
+    elif s1 != NULL:       # with lo: sum(dy (x - (mean + lo))) = s2 - lo s1
         for c in range(c0, c1):
-            grad_outputs(j, c, s1[c], s2[c], w)
+            grad_outputs(j, c, s1[c], s2[c] if lo == NULL else fma(-lo[c], s1[c], s2[c]), w)
     for c in range(c0, c1):
         cm[c * cs] = mean[c] if fwd or j.training else 0.0
     if w == NULL:

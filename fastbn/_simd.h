@@ -795,13 +795,11 @@ static inline fbn_f8 fbn_xdc_f16(const double *dcols, ptrdiff_t i) {
 /* dx = a g + (b (x - m) + k): a subtraction and two fused multiply-adds in the
  * lanes' FMA.  FBN_DXF with FOLD (a constant once inlined) leaves out the
  * subtraction, for m = +0: x - (+0) is x for every x, so the same bits. */
-#define FBN_DX(FMA, A, G, B, X, M, K)                                             \
-    FMA((A), (G), FMA((B), (X) - (M), (K)))
 #define FBN_DXF(FOLD, FMA, A, G, B, X, M, K)                                      \
     FMA((A), (G), FMA((B), ((FOLD) ? (X) : (X) - (M)), (K)))
+#define FBN_DX(FMA, A, G, B, X, M, K) FBN_DXF(0, FMA, A, G, B, X, M, K)
 
-/* Whether v is +0 (all bits clear); whether p[0:n] all are. */
-static inline int fbn_pzero(double v) { uint64_t u; memcpy(&u, &v, 8); return u == 0; }
+/* Whether p[0:n] are all +0 (all bits clear). */
 static inline int fbn_pzeros(const double *p, ptrdiff_t n) {
     uint64_t o = 0, u;
     for (ptrdiff_t i = 0; i < n; i++) { memcpy(&u, p + i, 8); o |= u; }
@@ -931,7 +929,7 @@ static inline void fbn_dx8_##S(const T *x, const T *g, T *y, ptrdiff_t n,       
     fbn_xfold_##S(&mean, &k, b);                                                  \
     const fbn_x8_##S m = fbn_xsplat_##S(mean), A = fbn_xsplat_##S(a),             \
                      B = fbn_xsplat_##S(b), K = fbn_xsplat_##S(k);                \
-    if (fbn_pzero(mean)) fbn_dx8f_##S(x, g, y, n, m, A, B, K, 1);                 \
+    if (fbn_pzeros(&mean, 1)) fbn_dx8f_##S(x, g, y, n, m, A, B, K, 1);            \
     else fbn_dx8f_##S(x, g, y, n, m, A, B, K, 0);                                 \
 }                                                                                 \
                                                                                   \
