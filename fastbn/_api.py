@@ -43,8 +43,8 @@ class Context:
         training, running statistics in inference.
     mean_lo : (C,) float64 numpy array or None
         In training on the CPU: what the final rounding of the batch mean
-        to float64 lost (exactly), which the backward adds back for data far
-        from zero with a small spread.
+        to float64 lost (exactly), which y (through its constant) and the
+        backward add back for data far from zero with a small spread.
     layout : "nchw" or "nhwc"
         The kernel layout the forward used (channels-first (N, C, S) or
         channels-last (M, C) memory).

@@ -561,7 +561,8 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
     """The element-wise coefficients of channels [c0, c1), channel c's at
     cm[c cs], ca[c cs], cb[c cs], ck[c cs] (mean, a, b, k):
     - forward, y = (x - mean) a + b: from the statistics (stats_range; s1, s2,
-      shift: the merged sums and shifts in training, else unread);
+      shift: the merged sums and shifts in training, else unread); with
+      j.mean_lo (training) about mean + mean_lo: b less a mean_lo (MEAN_LO);
     - backward, dx = a dy + b (x - mean) + k: from the gradient sums s1 =
       sum(dy), s2 = sum(dy (x - mean)), also writing dweight / dbias (not when
       s1 is NULL: the eval-mode one pass writes them after); in eval mode
@@ -610,6 +611,9 @@ cdef void coefs_range(Job* j, Py_ssize_t c0, Py_ssize_t c1, bint train, bint fwd
         else:
             for c in range(c0, c1):
                 cb[c * cs] = <double>bias[c]
+        if train and lo != NULL:    # y = (x - (mean + lo)) a + b = (x - mean) a + (b - lo a)
+            for c in range(c0, c1):
+                cb[c * cs] = fma(-lo[c], ca[c * cs], cb[c * cs])
         for c in range(c0, c1):
             ck[c * cs] = 0.0
     elif j.training:
@@ -1487,9 +1491,10 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
 #
 # MEAN_LO: the training forward can also write mean_lo, float64 (C,), what
 # rounding the batch mean to float64 lost (mean = shift + sum / n, rounded to
-# ulp(mean); mean_lo is that rounding's error, by TwoSum), and the training
-# backward then takes x - mean about mean + mean_lo: its gradient sum
-# sum(dy (x - mean)) less mean_lo sum(dy), and dx's constant less b mean_lo.
+# ulp(mean); mean_lo is that rounding's error, by TwoSum).  The forward's y
+# then takes x - mean about mean + mean_lo (its constant less a mean_lo), and
+# so does the training backward: its gradient sum sum(dy (x - mean)) less
+# mean_lo sum(dy), and dx's constant less b mean_lo.
 # Without it, data far from zero with a small spread lose |mean| 2^-53 in
 # every x - mean, which the training dx's cancellation amplifies: float32
 # values near -1e4, one ulp apart (5 a channel, eps 1e-12, no weight) gave dx

@@ -213,6 +213,33 @@ def test_float32_training_dx_about_the_unrounded_mean(rng, stream_threshold, axi
         assert_close(dx, rdx, np.float32, "dx")
 
 
+@pytest.mark.parametrize("axis,shape", [
+    (1, (4, 3, 5, 5)), (1, (64, 3, 40, 40)),    # channels-first: runs, spans
+    (-1, (50, 9)), (-1, (300, 256)),            # channels-last: fbn_tew, a block of rows
+    (-1, (8, 2100)),                            # channel tiles (nhwc_tiled)
+])
+@pytest.mark.parametrize("threshold", [0, 1 << 62], ids=["streamed", "cached"])
+def test_float64_training_y_about_the_unrounded_mean(rng, stream_threshold, axis, shape,
+                                                     threshold):
+    """float64 data at 1e4 with a spread of 1e-3: the batch mean rounds to
+    ulp(1e4) = 1.8e-12, an error of up to 9e-13 in every x - mean and up to
+    1.8e-9 in y once scaled by w invstd (w up to 2, invstd 1e3), where the
+    float64 tolerance is 1e-12 (before the fix: 240-550x it).  The forward's
+    constant takes the rounding error back (b - a mean_lo), so y is about the
+    unrounded mean, as the backward is (ctx.mean_lo).  The reference gets
+    x - 1e4, exact for these values (Sterbenz)."""
+    stream_threshold(threshold)
+    C = shape[axis]
+    x = 1e4 + 1e-3 * rng.standard_normal(shape)
+    w = rng.uniform(0.5, 2.0, C)
+    b = rng.standard_normal(C)
+    ref = R.forward(x - 1e4, w, b, axis=axis)
+    for nt in (1, 2):
+        y, ctx = fastbn.forward(x, w, b, axis=axis, num_threads=nt)
+        assert ctx.mean_lo is not None and np.any(ctx.mean_lo != 0)
+        assert_close(y, ref.y, np.float64, "y")
+
+
 STREAM_BYTES = 16 << 20     # fastbn/_cpu.pyx FASTBN_STREAM_BYTES (channels-last forward: half)
 
 

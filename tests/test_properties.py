@@ -243,8 +243,12 @@ def _check_against_reference(c, mode, affine, momentum, eps, count):
     # the coefficients amplify: y = (x - mean) w invstd; dweight =
     # invstd sum dy (x - mean); training dx = w invstd (dy - dbias / n -
     # xhat dweight / n), where xhat and dweight both carry dm.  Negligible
-    # except for float64 data far from zero.
-    slack_y = slack_dx = slack_dw = 0.0
+    # except for float64 data far from zero.  y gets no allowance: the CPU
+    # kernels take it about the unrounded mean (ctx.mean_lo), and so their
+    # backward, but the training dx cancels (two values a channel: entirely
+    # but for eps), and its float64 terms' own rounding needs the allowance
+    # too (1.5x the table without it: (2, 4, 1), offset 1, scale 0.1, eps 1e-8).
+    slack_dx = slack_dw = 0.0
     if training and dtype == np.float64:
         dm = 4 * EPS64 * np.abs(ref.mean)
         wa = np.ones(C) if w is None else np.abs(w.astype(np.float64))
@@ -253,12 +257,11 @@ def _check_against_reference(c, mode, affine, momentum, eps, count):
         n_ = _per_channel(x, axis)
         shape_c = [1] * x.ndim
         shape_c[axis] = C
-        slack_y = (wa * refs.invstd * dm).reshape(shape_c)
         slack_dx = (wa * refs.invstd**2 * dm / n_
                     * (np.abs(rdw) + np.abs(rdb) * xhat_max)).reshape(shape_c)
         slack_dw = refs.invstd * np.abs(rdb) * dm
     assert y.shape == x.shape and y.dtype == x.dtype
-    _close(y, refs.y, dtype, "y", slack_y)
+    _close(y, refs.y, dtype, "y")
     sm = _stat_slack(x, axis, eps) if training else (0.0, 0.0, 0.0)
     _close(ctx.mean, ref.mean, np.float64, "ctx.mean", sm[0])
     _close(ctx.invstd, ref.invstd, np.float64, "ctx.invstd", sm[1] * ref.invstd)
