@@ -243,12 +243,13 @@ def _check_against_reference(c, mode, affine, momentum, eps, count):
     # the coefficients amplify: y = (x - mean) w invstd; dweight =
     # invstd sum dy (x - mean); training dx = w invstd (dy - dbias / n -
     # xhat dweight / n), where xhat and dweight both carry dm.  Negligible
-    # except for float64 data far from zero.  y gets no allowance: the CPU
-    # kernels take it about the unrounded mean (ctx.mean_lo), and so their
-    # backward, but the training dx cancels (two values a channel: entirely
-    # but for eps), and its float64 terms' own rounding needs the allowance
-    # too (1.5x the table without it: (2, 4, 1), offset 1, scale 0.1, eps 1e-8).
-    slack_dx = slack_dw = 0.0
+    # except for float64 data far from zero.  y and dweight get no allowance:
+    # the CPU kernels take them about the unrounded mean (ctx.mean_lo; without
+    # it the deep profile finds y 3.5x and dweight 3.4x the table off), and so
+    # the training dx, but that cancels (two values a channel: entirely but
+    # for eps), and its float64 terms' own rounding needs the allowance (1.5x
+    # the table without it: (2, 4, 1), offset 1, scale 0.1, eps 1e-8).
+    slack_dx = 0.0
     if training and dtype == np.float64:
         dm = 4 * EPS64 * np.abs(ref.mean)
         wa = np.ones(C) if w is None else np.abs(w.astype(np.float64))
@@ -259,7 +260,6 @@ def _check_against_reference(c, mode, affine, momentum, eps, count):
         shape_c[axis] = C
         slack_dx = (wa * refs.invstd**2 * dm / n_
                     * (np.abs(rdw) + np.abs(rdb) * xhat_max)).reshape(shape_c)
-        slack_dw = refs.invstd * np.abs(rdb) * dm
     assert y.shape == x.shape and y.dtype == x.dtype
     _close(y, refs.y, dtype, "y")
     sm = _stat_slack(x, axis, eps) if training else (0.0, 0.0, 0.0)
@@ -276,7 +276,7 @@ def _check_against_reference(c, mode, affine, momentum, eps, count):
     if w is None:
         assert dw is None
     else:
-        _close(dw, rdw, pdt, "dweight", slack_dw)
+        _close(dw, rdw, pdt, "dweight")
     if b is None:
         assert db is None
     else:
