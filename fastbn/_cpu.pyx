@@ -375,6 +375,7 @@ cdef inline void cl_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssize_
                           Py_ssize_t C, const double* dcols) noexcept nogil:
     """Channels-last training dx over n elements of whole rows with streaming
     stores (fbn_cl_dx: the period's columns in registers where they fit;
+    rows of 4 KiB and more two half-blocks at once, sharing each column load;
     down the addresses a line a step when y starts just after x or g modulo
     4 KiB; float16: fbn_cl_dx_line_f16, a line per step)."""
     if data_t is float:

@@ -1619,6 +1619,19 @@ static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off, 
     else fbn_cl_ntk_##S(x, y, n, off, C, cols, 2, 1);                             \
 }
 
+/* Rows of this many bytes and more take the streamed training dx two half-blocks
+ * at once (fbn_cl_dx_nt2): three float64 coefficient columns of 1024 float32
+ * channels (24 KiB) no longer stay in L1 beside the streams; with them held in
+ * registers (a timing-only build) the backward took 0.80 of the time at (4096,
+ * 1024) and 0.71 at 64x2048x7x7, against 0.93-0.96 at 256 channels.  Two halves,
+ * A/B against the same source with the path off, three runs, both orders, time
+ * at 1 / 2 threads: float32 (4096, 1024) 0.95-0.96 / 0.92-0.98, 128x1024x7x7
+ * 0.94-0.96 / 0.96, 64x2048x7x7 0.90-0.93 / 0.90-0.93, 32x4096x7x7 0.92 /
+ * 0.92-0.96; float64 1024-2048 channels 0.87 / 0.94-0.95, 512 0.97-1.00.  Taken
+ * at every width (docs/performance-log.md, experiments), 256 channels took
+ * 1.06-1.10x. */
+#define FBN_DX2_ROW 4096
+
 /* Channels-last training dx (op 1, dx lanes) over the n elements of a block
  * of whole rows, with streaming stores: aligned 8-element vectors,
  * coefficients loaded at each vector's channel offset from dcols, the four
@@ -1746,6 +1759,54 @@ static inline __attribute__((always_inline)) int fbn_cl_dx_ntv_##S(             
     default: return 0;                                                            \
     }                                                                             \
 }                                                                                 \
+/* Two spans of n elements `off` apart at once (off a multiple of C and of a      \
+ * 64-byte line), a whole line of each a step: each coefficient load serves       \
+ * two vectors.  For rows of FBN_DX2_ROW bytes and more, whose columns do not     \
+ * stay in L1 beside the streams.  Head and tail of each span: ordinary           \
+ * stores.  The same operations per element as fbn_cl_dx_nt: the same bits. */    \
+static inline __attribute__((always_inline)) void fbn_cl_dx_nt2_##S(              \
+        const T *x, const T *g, T *y, ptrdiff_t n, ptrdiff_t off, ptrdiff_t C,    \
+        const double *dcols, const int FOLD) {                                    \
+    enum { LV = 64 / (8 * sizeof(T)) };                                           \
+    const ptrdiff_t L = C + FBN_COLPAD, LW = 8 * LV;                              \
+    ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / (ptrdiff_t)sizeof(T); \
+    ptrdiff_t i, e, c, r;                                                         \
+    fbn_x8_##S v[LV], u[LV];                                                      \
+    if (h > n) h = n;                                                             \
+    e = h + (n - h) / LW * LW;                /* whole lines: [h, e) */           \
+    fbn_cl_dx_nt_##S(x, g, y, h, C, dcols, FOLD);              /* the heads */    \
+    fbn_cl_dx_nt_##S(x + off, g + off, y + off, h, C, dcols, FOLD);               \
+    for (i = e, c = e % C; i < n; i += r, c = fbn_cstep(c, r, C)) {  /* tails */  \
+        const fbn_x8_##S m = fbn_xdc_##S(dcols, c), A = fbn_xdc_##S(dcols, L + c),\
+            B = fbn_xdc_##S(dcols, 2 * L + c), K = fbn_xdc_##S(dcols, 3 * L + c); \
+        r = n - i < 8 ? n - i : 8;                                                \
+        for (ptrdiff_t o = i; o <= i + off; o += off)                             \
+            fbn_xstn_##S(y + o, r, FBN_DXF(FOLD, fbn_xfma_##S, A,                 \
+                                          fbn_xldn_##S(g + o, r, 0), B,           \
+                                          fbn_xldn_##S(x + o, r, 0), m, K));      \
+    }                                                                             \
+    for (i = h, c = h % C; i < e; i += LW, c = fbn_cstep(c, LW, C)) {             \
+        const ptrdiff_t j = i + off;                                              \
+        FBN_PF(x + i); FBN_PF(g + i); FBN_PF(x + j); FBN_PF(g + j);               \
+        for (int k = 0; k < LV; k++) {                                            \
+            const ptrdiff_t ck = fbn_cstep(c, 8 * k, C);                          \
+            const fbn_x8_##S m = fbn_xdc_##S(dcols, ck),                          \
+                A = fbn_xdc_##S(dcols, L + ck), B = fbn_xdc_##S(dcols, 2 * L + ck),\
+                K = fbn_xdc_##S(dcols, 3 * L + ck);                               \
+            v[k] = FBN_DXF(FOLD, fbn_xfma_##S, A, fbn_xld_##S(g + i + 8 * k), B,  \
+                           fbn_xld_##S(x + i + 8 * k), m, K);                     \
+            u[k] = FBN_DXF(FOLD, fbn_xfma_##S, A, fbn_xld_##S(g + j + 8 * k), B,  \
+                           fbn_xld_##S(x + j + 8 * k), m, K);                     \
+        }                                                                         \
+        fbn_xsstl_##S(y + i, v); fbn_xsstl_##S(y + j, u);                         \
+    }                                                                             \
+}                                                                                 \
+static __attribute__((noinline)) void fbn_cl_dx_nt2z_##S(                         \
+        const T *x, const T *g, T *y, ptrdiff_t n, ptrdiff_t off, ptrdiff_t C,    \
+        const double *dcols, const int z) {                                       \
+    if (z) fbn_cl_dx_nt2_##S(x, g, y, n, off, C, dcols, 1);                       \
+    else fbn_cl_dx_nt2_##S(x, g, y, n, off, C, dcols, 0);                         \
+}                                                                                 \
 static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(                          \
         const T *x, const T *g, T *y, ptrdiff_t n, ptrdiff_t C, const double *dcols, \
         const int z) {                                                            \
@@ -1753,14 +1814,23 @@ static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(                        
     else fbn_cl_dx_ntdf_##S(x, g, y, n, C, dcols, 0);                             \
 }                                                                                 \
 /* The channels-last streamed training dx: fbn_cl_dx_ntd where dx lies just       \
- * after x or g modulo 4 KiB (fbn_dx_down), else fbn_cl_dx_ntv where the period   \
- * fits in registers, else fbn_cl_dx_nt; each without the mean column where all   \
- * of it is +0 (folded by the caller: the same bits, see FBN_DXF). */             \
+ * after x or g modulo 4 KiB (fbn_dx_down), else two half-blocks at once          \
+ * (fbn_cl_dx_nt2) for rows of FBN_DX2_ROW bytes and more when the halves share   \
+ * a line phase, else fbn_cl_dx_ntv where the period fits in registers, else      \
+ * fbn_cl_dx_nt; each without the mean column where all of it is +0 (folded by    \
+ * the caller: the same bits, see FBN_DXF). */                                    \
 static inline void fbn_cl_dx_##S(const T *x, const T *g, T *y, ptrdiff_t n,       \
                                  ptrdiff_t C, const double *dcols) {              \
     const int z = fbn_pzeros(dcols, C);                                           \
+    const ptrdiff_t h2 = n / C / 2 * C;      /* two halves: fbn_cl_dx_nt2 */     \
     if (fbn_dx_down_##S(x, g, y)) fbn_cl_dx_ntd_##S(x, g, y, n, C, dcols, z);     \
-    else if (z) {                                                                 \
+    else if (C * (ptrdiff_t)sizeof(T) >= FBN_DX2_ROW && h2 > 0                    \
+             && (h2 * (ptrdiff_t)sizeof(T)) % 64 == 0) {                          \
+        fbn_cl_dx_nt2z_##S(x, g, y, h2, h2, C, dcols, z);                         \
+        if (n > 2 * h2)                                                           \
+            fbn_cl_dx_nt_##S(x + 2 * h2, g + 2 * h2, y + 2 * h2, n - 2 * h2, C,   \
+                             dcols, z);                                           \
+    } else if (z) {                                                               \
         if (!fbn_cl_dx_ntv_##S(x, g, y, n, C, dcols, 1))                          \
             fbn_cl_dx_nt_##S(x, g, y, n, C, dcols, 1);                            \
     } else if (!fbn_cl_dx_ntv_##S(x, g, y, n, C, dcols, 0)) {                     \
