@@ -75,8 +75,7 @@ cdef extern from "_simd.h" nogil:
     Py_ssize_t FBN_COLPAD
     void fbn_cl_dx_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
-    void fbn_cl_dx_line_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
-    int fbn_cl_dx_linev_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
+    void fbn_cl_dx_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_cl_dx_lineo_f16(const unsigned short* x, const unsigned short* g, unsigned short* y, Py_ssize_t n, Py_ssize_t C, const double* dcols)
     void fbn_span_dx_nt_f32(const float* x, const float* g, float* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
     void fbn_span_dx_nt_f64(const double* x, const double* g, double* y, Py_ssize_t n, Py_ssize_t nr, Py_ssize_t c, Py_ssize_t C, const double* cf)
@@ -377,13 +376,13 @@ cdef inline void cl_dx_nt(const data_t* x, const data_t* g, data_t* y, Py_ssize_
     stores (fbn_cl_dx: the period's columns in registers where they fit;
     rows of 4 KiB and more two half-blocks at once, sharing each column load;
     down the addresses a line a step when y starts just after x or g modulo
-    4 KiB; float16: fbn_cl_dx_line_f16, a line per step)."""
+    4 KiB; float16: fbn_cl_dx_f16, a line per step)."""
     if data_t is float:
         fbn_cl_dx_f32(x, g, y, n, C, dcols)
     elif data_t is double:
         fbn_cl_dx_f64(x, g, y, n, C, dcols)
-    elif not fbn_cl_dx_linev_f16(x, g, y, n, C, dcols):
-        fbn_cl_dx_line_f16(x, g, y, n, C, dcols)
+    else:
+        fbn_cl_dx_f16(x, g, y, n, C, dcols)
 
 
 cdef inline void cl_dx_cached(const data_t* x, const data_t* g, data_t* y, Py_ssize_t n,

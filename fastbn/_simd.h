@@ -1627,9 +1627,10 @@ static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off, 
  * A/B against the same source with the path off, three runs, both orders, time
  * at 1 / 2 threads: float32 (4096, 1024) 0.95-0.96 / 0.92-0.98, 128x1024x7x7
  * 0.94-0.96 / 0.96, 64x2048x7x7 0.90-0.93 / 0.90-0.93, 32x4096x7x7 0.92 /
- * 0.92-0.96; float64 1024-2048 channels 0.87 / 0.94-0.95, 512 0.97-1.00.  Taken
- * at every width (docs/performance-log.md, experiments), 256 channels took
- * 1.06-1.10x. */
+ * 0.92-0.96; float64 1024-2048 channels 0.87 / 0.94-0.95, 512 0.97-1.00;
+ * float16 (fbn_cl_dx_line2_f16, 2048-4096 channels, 25-32 MB) 0.89-0.92 /
+ * 0.90-0.94.  Taken at every width (docs/performance-log.md, experiments), 256
+ * float32 channels took 1.06-1.10x; 512 (2 KiB rows) 1.00-1.06x. */
 #define FBN_DX2_ROW 4096
 
 /* Channels-last training dx (op 1, dx lanes) over the n elements of a block
@@ -1903,6 +1904,48 @@ static inline void fbn_cl_dx_lineo_f16(const uint16_t *x, const uint16_t *g, uin
     fbn_cl_dx_linek_f16(x, g, y, n, C, dcols, 0);
 }
 
+/* fbn_cl_dx_line_f16 over two spans of n elements `off` apart at once (off a
+ * multiple of C and of a line), a line of each a step, each coefficient load
+ * serving two vectors: for rows of FBN_DX2_ROW bytes and more, as
+ * fbn_cl_dx_nt2 for float32.  Heads as fbn_cl_dx_line_f16, tails 8 elements
+ * a step with ordinary stores.  Same bits. */
+static inline void fbn_cl_dx_line2_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
+                                       ptrdiff_t n, ptrdiff_t off, ptrdiff_t C,
+                                       const double *dcols) {
+    const ptrdiff_t L = C + FBN_COLPAD;
+    const float *m = (const float *)dcols, *A = m + L, *B = m + 2 * L, *K = m + 3 * L;
+    ptrdiff_t h = (ptrdiff_t)((64 - ((uintptr_t)y & 63)) & 63) / 2;
+    ptrdiff_t i, e, c, c2, r;
+    if (h > n) h = n;
+    e = h + (n - h) / 32 * 32;                    /* whole lines: [h, e) */
+    fbn_cl_dx_line_f16(x, g, y, h, C, dcols);     /* the heads */
+    fbn_cl_dx_line_f16(x + off, g + off, y + off, h, C, dcols);
+    for (i = e, c = e % C; i < n; i += r, c = fbn_cstep(c, r, C)) {   /* the tails */
+        r = n - i < 8 ? n - i : 8;
+        for (ptrdiff_t o = i; o <= i + off; o += off)
+            fbn_xstn_f16(y + o, r, FBN_DX(fbn_fma_f8, fbn_xdc_f16(dcols, L + c),
+                                          fbn_xldn_f16(g + o, r, 0), fbn_xdc_f16(dcols, 2 * L + c),
+                                          fbn_xldn_f16(x + o, r, 0), fbn_xdc_f16(dcols, c),
+                                          fbn_xdc_f16(dcols, 3 * L + c)));
+    }
+    for (i = h, c = h % C; i < e; i += 32, c = fbn_cstep(c, 32, C)) {
+        const ptrdiff_t j = i + off;
+        c2 = fbn_cstep(c, 16, C);
+        const fbn_s16 A0 = fbn_ld_f32(A + c), B0 = fbn_ld_f32(B + c), m0 = fbn_ld_f32(m + c),
+                      K0 = fbn_ld_f32(K + c), A1 = fbn_ld_f32(A + c2), B1 = fbn_ld_f32(B + c2),
+                      m1 = fbn_ld_f32(m + c2), K1 = fbn_ld_f32(K + c2);
+        FBN_PF(x + i); FBN_PF(g + i); FBN_PF(x + j); FBN_PF(g + j);
+        fbn_sst2_f16(y + i,
+                     FBN_DX(fbn_fma_s16, A0, fbn_ld_f16(g + i), B0, fbn_ld_f16(x + i), m0, K0),
+                     FBN_DX(fbn_fma_s16, A1, fbn_ld_f16(g + i + 16), B1, fbn_ld_f16(x + i + 16),
+                            m1, K1));
+        fbn_sst2_f16(y + j,
+                     FBN_DX(fbn_fma_s16, A0, fbn_ld_f16(g + j), B0, fbn_ld_f16(x + j), m0, K0),
+                     FBN_DX(fbn_fma_s16, A1, fbn_ld_f16(g + j + 16), B1, fbn_ld_f16(x + j + 16),
+                            m1, K1));
+    }
+}
+
 /* fbn_cl_dx_line_f16 when a period of NV 16-element vectors (lcm(C, 32)
  * elements, whole lines) holds whole rows: the 4 NV columns of a period stay in
  * registers (NV <= 6: 24 of them), as fbn_cl_dx_ntr does for float32.  The
@@ -1948,6 +1991,22 @@ static inline int fbn_cl_dx_linev_f16(const uint16_t *x, const uint16_t *g, uint
     case 4: fbn_cl_dx_liner_f16(x, g, y, n, C, dcols, 4); return 1;
     case 6: fbn_cl_dx_liner_f16(x, g, y, n, C, dcols, 6); return 1;
     default: return 0;
+    }
+}
+
+/* The channels-last streamed training dx of float16 data: two half-blocks at
+ * once for rows of FBN_DX2_ROW bytes and more when the halves share a line
+ * phase (fbn_cl_dx_line2_f16), else the period's columns in registers where they
+ * fit (fbn_cl_dx_linev_f16), else fbn_cl_dx_line_f16. */
+static inline void fbn_cl_dx_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
+                                 ptrdiff_t n, ptrdiff_t C, const double *dcols) {
+    const ptrdiff_t h2 = n / C / 2 * C;
+    if (C * 2 >= FBN_DX2_ROW && h2 > 0 && (h2 * 2) % 64 == 0) {
+        fbn_cl_dx_line2_f16(x, g, y, h2, h2, C, dcols);
+        if (n > 2 * h2)
+            fbn_cl_dx_line_f16(x + 2 * h2, g + 2 * h2, y + 2 * h2, n - 2 * h2, C, dcols);
+    } else if (!fbn_cl_dx_linev_f16(x, g, y, n, C, dcols)) {
+        fbn_cl_dx_line_f16(x, g, y, n, C, dcols);
     }
 }
 
