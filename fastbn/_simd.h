@@ -1995,13 +1995,16 @@ static inline int fbn_cl_dx_linev_f16(const uint16_t *x, const uint16_t *g, uint
 }
 
 /* The channels-last streamed training dx of float16 data: two half-blocks at
- * once for rows of FBN_DX2_ROW bytes and more when the halves share a line
- * phase (fbn_cl_dx_line2_f16), else the period's columns in registers where they
- * fit (fbn_cl_dx_linev_f16), else fbn_cl_dx_line_f16. */
+ * once for rows of FBN_DX2_ROW / 2 bytes and more (1024 channels: its four
+ * float32 columns are then 16 KiB, as float32's three float64 ones at the
+ * float32 threshold are 24; 1024 channels, 25-32 MB, took 0.95-1.00 of the time
+ * this way, both orders, 1 and 2 threads) when the halves share a line phase
+ * (fbn_cl_dx_line2_f16), else the period's columns in registers where they fit
+ * (fbn_cl_dx_linev_f16), else fbn_cl_dx_line_f16. */
 static inline void fbn_cl_dx_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
                                  ptrdiff_t n, ptrdiff_t C, const double *dcols) {
     const ptrdiff_t h2 = n / C / 2 * C;
-    if (C * 2 >= FBN_DX2_ROW && h2 > 0 && (h2 * 2) % 64 == 0) {
+    if (C * 2 >= FBN_DX2_ROW / 2 && h2 > 0 && (h2 * 2) % 64 == 0) {
         fbn_cl_dx_line2_f16(x, g, y, h2, h2, C, dcols);
         if (n > 2 * h2)
             fbn_cl_dx_line_f16(x + 2 * h2, g + 2 * h2, y + 2 * h2, n - 2 * h2, C, dcols);
