@@ -1629,8 +1629,9 @@ static inline void fbn_cl_nt2_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t off, 
  * 0.94-0.96 / 0.96, 64x2048x7x7 0.90-0.93 / 0.90-0.93, 32x4096x7x7 0.92 /
  * 0.92-0.96; float64 1024-2048 channels 0.87 / 0.94-0.95, 512 0.97-1.00;
  * float16 (fbn_cl_dx_line2_f16, 2048-4096 channels, 25-32 MB) 0.89-0.92 /
- * 0.90-0.94.  Taken at every width (docs/performance-log.md, experiments), 256
- * float32 channels took 1.06-1.10x; 512 (2 KiB rows) 1.00-1.06x. */
+ * 0.90-0.94, taken from half these bytes (fbn_cl_dx_f16).  Taken at every width
+ * (docs/performance-log.md, experiments), 256 float32 channels took 1.06-1.10x;
+ * 512 (2 KiB rows) 1.00-1.06x. */
 #define FBN_DX2_ROW 4096
 
 /* Channels-last training dx (op 1, dx lanes) over the n elements of a block
@@ -1906,9 +1907,9 @@ static inline void fbn_cl_dx_lineo_f16(const uint16_t *x, const uint16_t *g, uin
 
 /* fbn_cl_dx_line_f16 over two spans of n elements `off` apart at once (off a
  * multiple of C and of a line), a line of each a step, each coefficient load
- * serving two vectors: for rows of FBN_DX2_ROW bytes and more, as
- * fbn_cl_dx_nt2 for float32.  Heads as fbn_cl_dx_line_f16, tails 8 elements
- * a step with ordinary stores.  Same bits. */
+ * serving two vectors: for rows of FBN_DX2_ROW / 2 bytes and more (see
+ * fbn_cl_dx_f16), as fbn_cl_dx_nt2 for float32.  Heads as fbn_cl_dx_line_f16,
+ * tails 8 elements a step with ordinary stores.  Same bits. */
 static inline void fbn_cl_dx_line2_f16(const uint16_t *x, const uint16_t *g, uint16_t *y,
                                        ptrdiff_t n, ptrdiff_t off, ptrdiff_t C,
                                        const double *dcols) {
