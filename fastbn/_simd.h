@@ -1824,15 +1824,17 @@ static __attribute__((noinline)) void fbn_cl_dx_ntd_##S(                        
 static inline void fbn_cl_dx_##S(const T *x, const T *g, T *y, ptrdiff_t n,       \
                                  ptrdiff_t C, const double *dcols) {              \
     const int z = fbn_pzeros(dcols, C);                                           \
-    const ptrdiff_t h2 = n / C / 2 * C;      /* two halves: fbn_cl_dx_nt2 */     \
-    if (fbn_dx_down_##S(x, g, y)) fbn_cl_dx_ntd_##S(x, g, y, n, C, dcols, z);     \
-    else if (C * (ptrdiff_t)sizeof(T) >= FBN_DX2_ROW && h2 > 0                    \
-             && (h2 * (ptrdiff_t)sizeof(T)) % 64 == 0) {                          \
+    const ptrdiff_t h2 = n / C / 2 * C;      /* two halves: fbn_cl_dx_nt2 */      \
+    if (fbn_dx_down_##S(x, g, y)) {                                               \
+        fbn_cl_dx_ntd_##S(x, g, y, n, C, dcols, z);                               \
+        return;                                                                   \
+    }                                                                             \
+    if (C * (ptrdiff_t)sizeof(T) >= FBN_DX2_ROW && h2 > 0                         \
+            && (h2 * (ptrdiff_t)sizeof(T)) % 64 == 0) {                           \
         fbn_cl_dx_nt2z_##S(x, g, y, h2, h2, C, dcols, z);                         \
-        if (n > 2 * h2)                                                           \
-            fbn_cl_dx_nt_##S(x + 2 * h2, g + 2 * h2, y + 2 * h2, n - 2 * h2, C,   \
-                             dcols, z);                                           \
-    } else if (z) {                                                               \
+        x += 2 * h2; g += 2 * h2; y += 2 * h2; n -= 2 * h2;   /* odd row left */   \
+    }                                                                             \
+    if (z) {                                                                      \
         if (!fbn_cl_dx_ntv_##S(x, g, y, n, C, dcols, 1))                          \
             fbn_cl_dx_nt_##S(x, g, y, n, C, dcols, 1);                            \
     } else if (!fbn_cl_dx_ntv_##S(x, g, y, n, C, dcols, 0)) {                     \
@@ -2007,11 +2009,10 @@ static inline void fbn_cl_dx_f16(const uint16_t *x, const uint16_t *g, uint16_t 
     const ptrdiff_t h2 = n / C / 2 * C;
     if (C * 2 >= FBN_DX2_ROW / 2 && h2 > 0 && (h2 * 2) % 64 == 0) {
         fbn_cl_dx_line2_f16(x, g, y, h2, h2, C, dcols);
-        if (n > 2 * h2)
-            fbn_cl_dx_line_f16(x + 2 * h2, g + 2 * h2, y + 2 * h2, n - 2 * h2, C, dcols);
-    } else if (!fbn_cl_dx_linev_f16(x, g, y, n, C, dcols)) {
-        fbn_cl_dx_line_f16(x, g, y, n, C, dcols);
+        x += 2 * h2; g += 2 * h2; y += 2 * h2; n -= 2 * h2;    /* an odd row left */
     }
+    if (!fbn_cl_dx_linev_f16(x, g, y, n, C, dcols))
+        fbn_cl_dx_line_f16(x, g, y, n, C, dcols);
 }
 
 /* Channels-last forward element-wise of float16 data over two spans of n
