@@ -13,7 +13,7 @@
 # bit-identical for any number of threads and any schedule.
 #
 # Statistics are one pass of float64 sums of (x - shift), shift being the first
-# element of the channel.  The shift keeps the sums well conditioned when the
+# element of the channel (0 if that is not finite: shift_at).  The shift keeps the sums well conditioned when the
 # mean is large compared with the spread (1e4 + N(0, 1) data), and float64
 # accumulation keeps float32 and float16 inputs exact to their own precision.
 # Element-wise passes: see _simd.h (float32 math for float32 / float16 data,
@@ -278,6 +278,14 @@ cdef inline double ld(const data_t* p, Py_ssize_t i) noexcept nogil:
         return <double>fastbn_h2f(p[i])
     else:
         return <double>p[i]
+
+
+cdef inline double shift_at(const data_t* x, Py_ssize_t i) noexcept nogil:
+    """A channel's reduction shift: its element i (the first), or 0 where that
+    is Inf or NaN.  An Inf shift would make every shifted term NaN, where an
+    Inf anywhere else gives the channel an Inf mean (as PyTorch does)."""
+    cdef double v = ld(x, i)
+    return v if v - v == 0.0 else 0.0
 
 
 cdef inline void sums(const data_t* x, Py_ssize_t n, double shift, data_t fill,
@@ -669,7 +677,9 @@ cdef inline void nchw_reduce_run(Job* j, const data_t* x, Py_ssize_t nn, Py_ssiz
         if grad:
             gsums(x + base + e, <const data_t*>j.dy + base + e, stop - e, shift, &part_c[16 * q])
         else:
-            sums(x + base + e, stop - e, shift, x[c * j.S], &part_c[16 * q])
+            # fill: an element equal to the shift (+0 for a shift of 0)
+            sums(x + base + e, stop - e, shift, x[c * j.S] if shift != 0.0 else <data_t>0,
+                 &part_c[16 * q])
         e = stop
         q += 1
 
@@ -816,7 +826,7 @@ cdef inline void nchw_coefs(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c
         if summed:
             fbn_merge16(&part[16 * c * nq], nq, &tot[c], &tot[C + c])
         if train:
-            tot[2 * C + c] = ld(x, c * j.S)
+            tot[2 * C + c] = shift_at(x, c * j.S)
     coefs_range(j, c0, c1, train, fwd, tot if summed else NULL, tot + C, tot + 2 * C,
                 j.N * j.S, rm, rv, w, b, cf, cf + 1, cf + 2, cf + 3, 4, data_t is float)
 
@@ -916,7 +926,7 @@ cdef inline void nchw_block(Job* j, const data_t* x, Py_ssize_t c0, Py_ssize_t c
         for nn in range(n0, n1):
             qs[nn - n0] = (nn * S) // CHUNK
         for c in range(c0, c1):
-            shift = j.mean[c] if grad else ld(x, c * S)
+            shift = j.mean[c] if grad else shift_at(x, c * S)
             for nn in range(n0, n1):
                 nchw_reduce_run(j, x, nn, c, 0, S, qs[nn - n0], grad, shift,
                                 &part[16 * c * nq])
@@ -932,7 +942,7 @@ cdef inline void nchw_reduce_task(Job* j, const data_t* x, Py_ssize_t t, Py_ssiz
                                   bint grad, double* part) noexcept nogil:
     """Reduction task t: chunk t % nq of channel t // nq."""
     cdef Py_ssize_t c = t // nq
-    cdef double shift = j.mean[c] if grad else ld(x, c * j.S)
+    cdef double shift = j.mean[c] if grad else shift_at(x, c * j.S)
     nchw_reduce_chunk(j, x, c, t - c * nq, grad, shift, &part[16 * c * nq])
 
 
@@ -1000,7 +1010,7 @@ cdef int nhwc_run(Job* j, const data_t* x, param_t* p) noexcept nogil:
     cols = col_phase(x, dcols + 4 * (C + FBN_COLPAD), j.y, C)
     if reduce:
         for c in range(C):
-            shift[c] = j.mean[c] if grad else ld(x, c)
+            shift[c] = j.mean[c] if grad else shift_at(x, c)
     # Fewer row chunks than threads (short, wide tensors), in cache, with
     # TILED_SPAN bytes of each row a thread: each thread takes whole channel
     # tiles through every phase (nhwc_tiled); in eval mode, whose one pass
