@@ -16,6 +16,7 @@ serialised by that RunningStats' lock (the update is a read-modify-write).
 """
 
 import math
+import numbers
 
 import numpy as np
 
@@ -58,6 +59,8 @@ class Context:
                  "num_features", "plain")
 
     def __repr__(self):
+        if not hasattr(self, "plain"):
+            return "Context(<empty: not made by a forward>)"
         return (f"Context(layout={self.layout!r}, training={self.training}, "
                 f"shape={self.shape}, dtype={self.dtype})")
 
@@ -167,10 +170,16 @@ def _check_x(x, axis, argname="x"):
     dtype = xn.dtype
     if dtype not in PARAM_DTYPE:
         raise _dtype_error(argname, dtype)
+    if type(axis) is not int:
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis: expected the int 1 (channels-first) or -1 "
+                            f"(channels-last), got {type(axis).__name__} {axis!r}")
+        axis = int(axis)
     if axis == 1 or axis == -1 or axis == ndim - 1:
         axis = 1 if axis == 1 else -1
     else:
-        raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last), got {axis!r}")
+        raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last, or "
+                         f"x.ndim - 1 = {ndim - 1}), got {axis!r}")
     return ad, xn, axis
 
 
@@ -250,8 +259,9 @@ def _check_out(out, ad, shape, dtype, layout, perm, identity, C, S, argname="out
     if oad is not ad:
         raise TypeError(f"{argname}: expected a {ad.name} array like the input, "
                         f"got a {oad.name} array")
-    if not oad.writable(out):
-        raise ValueError(f"{argname}: expected a writable array, got a read-only one")
+    why = oad.why_not_writable(out)
+    if why is not None:
+        raise ValueError(f"{argname}: expected a writable array, got {why}")
     on = oad.native(out, argname)
     if tuple(on.shape) != tuple(shape):
         raise ValueError(f"{argname}: expected shape {tuple(shape)}, got {tuple(on.shape)}")
@@ -346,7 +356,8 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
         For any invalid argument, naming it; nothing (y, out=, stats) has
         been written when they are raised.
     """
-    if (type(x) is np.ndarray and type(eps) is float and not check_finite
+    if (type(x) is np.ndarray and type(eps) is float and type(axis) is int
+            and -8 < axis < 8 and check_finite is False
             and (training is True or training is False)):
         hit = _forward_plain(x, weight, bias, stats, training, eps, axis, out, num_threads)
         if hit is not None:
@@ -370,6 +381,8 @@ def forward(x, weight=None, bias=None, stats=None, *, training=True, eps=1e-5, a
     eps = _check_eps(eps)
     if training is not True and training is not False:
         training = _check_flag(training, "training")
+    if check_finite is not True and check_finite is not False:
+        check_finite = _check_flag(check_finite, "check_finite")
     if stats is not None:
         _check_stats(stats, ad, device, C, pdtype, dtype)
     if training:
@@ -473,7 +486,7 @@ def _plain_threads(num_threads):
     error messages) may look at it."""
     if num_threads is None:
         return _threads.resolve(None)
-    if type(num_threads) is int and num_threads > 0:
+    if type(num_threads) is int and 0 < num_threads <= _threads.MAX_THREADS:
         return num_threads
     return 0
 
@@ -588,14 +601,24 @@ def backward(dy, ctx, *, out=None, num_threads=None, check_finite=False):
     dweight, dbias : (C,) arrays, or None where the forward had no weight /
         no bias (zeros for an empty batch).
     """
-    if (type(ctx) is Context and ctx.plain and type(dy) is np.ndarray and not check_finite
-            and ctx.x is not None):
-        hit = _backward_plain(dy, ctx, out, num_threads)
-        if hit is not None:
-            return hit
+    if type(ctx) is Context:
+        try:
+            plain = ctx.plain
+        except AttributeError:           # Context(): made by hand, not by forward
+            plain = None
+        if (plain and type(dy) is np.ndarray and check_finite is False
+                and ctx.x is not None):
+            hit = _backward_plain(dy, ctx, out, num_threads)
+            if hit is not None:
+                return hit
     if not isinstance(ctx, Context):
         raise TypeError(f"ctx: expected the Context returned by fastbn.forward, "
                         f"got {type(ctx).__name__}")
+    if not hasattr(ctx, "plain"):
+        raise TypeError("ctx: expected the Context returned by fastbn.forward, got an "
+                        "empty Context (made by Context(), not by a forward)")
+    if check_finite is not True and check_finite is not False:
+        check_finite = _check_flag(check_finite, "check_finite")
     ad = _dispatch.adapter(dy, "dy")
     if ad is not ctx.adapter:
         raise TypeError(f"dy: expected a {ctx.adapter.name} array like x, got a {ad.name} array")

@@ -62,7 +62,36 @@ def precompile(device=None):
     return backend("gpu").precompile(device)
 
 
-class NumpyAdapter:
+class _Adapter:
+    """Base of the adapters: one instance per library, compared by identity,
+    so a copy or an unpickled object gets the same instance back."""
+
+    name = None
+
+    def __reduce__(self):
+        return (_named, (self.name,))
+
+    def why_not_writable(self, a):
+        """None if results may be written into ``a`` (out=), else why not."""
+        return None
+
+
+def _named(name):
+    """The adapter instance of a library (for unpickling)."""
+    return _NUMPY if name == "numpy" else _BY_MODULE[name]
+
+
+def _from_dlpack(a, argname, what):
+    """np.from_dlpack(a), its failures re-raised as a TypeError naming the argument."""
+    try:
+        return np.from_dlpack(a)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+        raise TypeError(f"{argname}: expected a strided {what} that numpy can read "
+                        f"through DLPack, got one it cannot ({type(exc).__name__}: {exc})"
+                        ) from None
+
+
+class NumpyAdapter(_Adapter):
     name = "numpy"
 
     def native(self, a, argname):
@@ -74,11 +103,11 @@ class NumpyAdapter:
     def wrap(self, a):
         return a
 
-    def writable(self, a):
-        return a.flags.writeable
+    def why_not_writable(self, a):
+        return None if a.flags.writeable else "a read-only one"
 
 
-class TorchAdapter:
+class TorchAdapter(_Adapter):
     name = "torch"
 
     def native(self, t, argname):
@@ -111,7 +140,7 @@ class TorchAdapter:
             )
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
-        return np.from_dlpack(t)
+        return _from_dlpack(t, argname, f"{t.dtype} tensor")
 
     def device(self, a):
         # Called with a native array (numpy or cupy) or with a torch tensor
@@ -132,11 +161,16 @@ class TorchAdapter:
                 a = a.copy()
         return sys.modules["torch"].from_dlpack(a)
 
-    def writable(self, t):
-        return True
+    def why_not_writable(self, t):
+        # A negative view's memory holds -t: what it reads back is resolved
+        # into a copy, which results would be written into and then lost.
+        if t.is_neg() or t.is_conj():
+            return ("a negative or conjugate view (is_neg() or is_conj()), which cannot "
+                    "be written through")
+        return None
 
 
-class JaxAdapter:
+class JaxAdapter(_Adapter):
     name = "jax"
 
     def native(self, a, argname):
@@ -151,7 +185,7 @@ class JaxAdapter:
                 f"{argname}: bfloat16 is not supported on the CPU; expected "
                 "float16, float32 or float64"
             )
-        return np.from_dlpack(a)
+        return _from_dlpack(a, argname, f"{a.dtype} array")
 
     def device(self, a):
         return "cpu"
@@ -159,11 +193,11 @@ class JaxAdapter:
     def wrap(self, a):
         return sys.modules["jax"].numpy.from_dlpack(a)
 
-    def writable(self, a):
-        return False          # JAX arrays are immutable: no out= into them
+    def why_not_writable(self, a):
+        return "a JAX array (JAX arrays are immutable)"
 
 
-class CupyAdapter:
+class CupyAdapter(_Adapter):
     name = "cupy"
 
     def native(self, a, argname):
@@ -175,13 +209,10 @@ class CupyAdapter:
     def wrap(self, a):
         return a
 
-    def writable(self, a):
-        return True
-
 
 _NUMPY = NumpyAdapter()
-_BY_MODULE = {"torch": TorchAdapter(), "jax": JaxAdapter(), "jaxlib": JaxAdapter(),
-              "cupy": CupyAdapter()}
+_JAX = JaxAdapter()
+_BY_MODULE = {"torch": TorchAdapter(), "jax": _JAX, "jaxlib": _JAX, "cupy": CupyAdapter()}
 _CACHE = {np.ndarray: _NUMPY}
 
 

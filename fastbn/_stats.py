@@ -29,12 +29,21 @@ def _check_momentum(momentum):
     if momentum is None:
         return None
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError("momentum must be a float in [0, 1] or None, "
+        raise TypeError("momentum: expected a float in [0, 1] or None, "
                         f"got {type(momentum).__name__}")
     momentum = float(momentum)
     if not 0.0 <= momentum <= 1.0:          # also rejects NaN
-        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        raise ValueError(f"momentum: expected a float in [0, 1] or None, got {momentum}")
     return momentum
+
+
+def _check_features(num_features):
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(f"num_features: expected a positive integer, "
+                        f"got {type(num_features).__name__}")
+    if num_features < 1:
+        raise ValueError(f"num_features: expected a positive integer, got {num_features}")
+    return int(num_features)
 
 
 class RunningStats:
@@ -71,16 +80,12 @@ class RunningStats:
     """
 
     def __init__(self, num_features, *, momentum=0.1, dtype=np.float32, like=None):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
-            raise TypeError(
-                f"num_features must be a positive integer, got {type(num_features).__name__}")
-        if num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features}")
+        num_features = _check_features(num_features)
         dtype = np.dtype(dtype)
         if dtype not in _DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
         self._momentum = _check_momentum(momentum)
-        self.num_features = int(num_features)
+        self.num_features = num_features
         self.dtype = dtype
         if like is None:
             self._adapter = _dispatch.adapter(np.empty(0))
@@ -102,11 +107,34 @@ class RunningStats:
         else:
             self._mean = np.zeros(self.num_features, dtype)
             self._var = np.ones(self.num_features, dtype)
-        # What users see: the same memory, as the library they asked for.
-        self.mean = self._adapter.wrap(self._mean)
-        self.var = self._adapter.wrap(self._var)
+        self._wrap_buffers()
         self._count = 0
         self._lock = threading.Lock()
+
+    def _wrap_buffers(self):
+        # What users see: the same memory, as the library they asked for.
+        self._mean_view = self._adapter.wrap(self._mean)
+        self._var_view = self._adapter.wrap(self._var)
+
+    @property
+    def mean(self):
+        """The running mean: the buffer the kernels update (shares its memory)."""
+        return self._mean_view
+
+    @mean.setter
+    def mean(self, value):
+        # The kernels hold on to the buffer, so assigning copies the values
+        # into it (checked as load_state_dict checks running_mean).
+        self._assign(self._parse_stat(value, "mean"), None, None)
+
+    @property
+    def var(self):
+        """The running (unbiased) variance: the buffer the kernels update."""
+        return self._var_view
+
+    @var.setter
+    def var(self, value):
+        self._assign(None, self._parse_stat(value, "var"), None)
 
     @property
     def num_batches_tracked(self):
@@ -132,14 +160,13 @@ class RunningStats:
     # sharing memory with the buffers the kernels update.
     def __getstate__(self):
         state = self.__dict__.copy()
-        del state["_lock"], state["mean"], state["var"]
+        del state["_lock"], state["_mean_view"], state["_var_view"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
-        self.mean = self._adapter.wrap(self._mean)
-        self.var = self._adapter.wrap(self._var)
+        self._wrap_buffers()
 
     # -- used by _api --------------------------------------------------------
     def _next_factor(self):
@@ -198,7 +225,14 @@ class RunningStats:
         keys, shapes, dtypes) before anything changes: a truncated, corrupt or
         mismatched file raises ValueError (TypeError for wrong dtypes) and
         leaves the statistics as they were.  A missing file raises
-        FileNotFoundError."""
+        FileNotFoundError.  As :meth:`save` appends ".npz" to a path without
+        it, so does load when the path as given does not exist."""
+        if not hasattr(path, "read"):
+            path = os.fspath(path)
+            if not os.path.exists(path) and not str(path).endswith(".npz"):
+                alt = path + (".npz" if isinstance(path, str) else b".npz")
+                if os.path.exists(alt):
+                    path = alt
         try:
             f = np.load(path, allow_pickle=False)
             if not isinstance(f, np.lib.npyio.NpzFile):
@@ -217,7 +251,8 @@ class RunningStats:
         """Load running_mean / running_var / num_batches_tracked (numpy arrays,
         torch tensors, ...).  Everything is checked before anything changes.
         A missing num_batches_tracked keeps the current count (as PyTorch);
-        strict=False also ignores unexpected keys and absent statistics."""
+        strict=False also ignores unexpected keys, and a missing running_mean
+        or running_var keeps the current one (as PyTorch's strict=False)."""
         parsed = self._parse_state(state, strict=strict)
         if parsed is not None:
             self._assign(*parsed)
@@ -227,41 +262,53 @@ class RunningStats:
             raise TypeError(f"state: expected a mapping with keys {KEYS}, "
                             f"got {type(state).__name__}")
         missing = [prefix + k for k in KEYS[:2] if prefix + k not in state]
-        if missing and (strict or len(missing) < 2):
+        if missing and strict:
             raise ValueError(f"state: expected keys {list(KEYS)}, got {sorted(state.keys())} "
                              f"(missing {missing})")
-        if missing:                      # strict=False and no statistics at all
-            return None
         if strict and not prefix:
             extra = sorted(set(state.keys()) - set(KEYS))
             if extra:
                 raise ValueError(f"state: unexpected keys {extra}; expected {list(KEYS)}")
-        arrays = []
-        for key in KEYS[:2]:
-            a = _dispatch.to_host_numpy(state[prefix + key], prefix + key)
-            if a.shape != (self.num_features,):
-                raise ValueError(f"{prefix}{key}: expected shape ({self.num_features},), "
-                                 f"got {a.shape}")
-            if a.dtype.kind != "f":
-                raise TypeError(f"{prefix}{key}: expected a floating-point array, got {a.dtype}")
-            arrays.append(a)
-        count = None                     # absent: keep the current count, as torch does
+        # absent (strict=False): keep the current values, as torch does
+        arrays = [None if prefix + key not in state
+                  else self._parse_stat(state[prefix + key], prefix + key)
+                  for key in KEYS[:2]]
+        count = None
         if prefix + KEYS[2] in state:
             c = _dispatch.to_host_numpy(state[prefix + KEYS[2]], prefix + KEYS[2])
-            if c.size != 1 or c.dtype.kind not in "iu" or int(c.reshape(())) < 0:
+            if c.dtype.kind not in "iu":
+                raise TypeError(f"{prefix}num_batches_tracked: expected an integer scalar, "
+                                f"got dtype {c.dtype}")
+            if c.size != 1 or int(c.reshape(-1)[0]) < 0:
                 raise ValueError(f"{prefix}num_batches_tracked: expected a non-negative "
                                  f"integer scalar, got {c!r}")
-            count = int(c.reshape(()))
+            count = int(c.reshape(-1)[0])
+        if arrays[0] is None and arrays[1] is None and count is None:
+            return None
         return arrays[0], arrays[1], count
 
+    def _parse_stat(self, value, name):
+        """A running statistic given by the caller, as a host numpy array of
+        shape (C,), or TypeError / ValueError naming it."""
+        a = _dispatch.to_host_numpy(value, name)
+        if a.shape != (self.num_features,):
+            raise ValueError(f"{name}: expected shape ({self.num_features},), got {a.shape}")
+        if a.dtype.kind != "f":
+            raise TypeError(f"{name}: expected a floating-point array, got {a.dtype}")
+        return a
+
     def _assign(self, mean, var, count):
+        """Copy the given values (None: keep) into the buffers, under the lock."""
         if self.device == "gpu":
             xp = _dispatch._cupy("state")
             with self._mean.device:
-                mean, var = xp.asarray(mean), xp.asarray(var)
+                mean = None if mean is None else xp.asarray(mean)
+                var = None if var is None else xp.asarray(var)
         with self._lock:
-            self._mean[...] = mean
-            self._var[...] = var
+            if mean is not None:
+                self._mean[...] = mean
+            if var is not None:
+                self._var[...] = var
             if count is not None:
                 self._count = count
 

@@ -47,15 +47,19 @@ def resolve(num_threads):
     if num_threads is None:
         override = _override
         return override if override is not None else _omp_max_threads()
-    if type(num_threads) is int and num_threads > 0:
+    if type(num_threads) is int and 0 < num_threads <= MAX_THREADS:
         return num_threads
     return _check(num_threads, "num_threads")
 
 
+MAX_THREADS = 2**31 - 1       # the kernels take a C int
+
+
 def _check(n, name):
     if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
-        raise TypeError(f"{name} must be a positive integer or None, got {type(n).__name__}")
+        raise TypeError(f"{name}: expected a positive integer or None, got {type(n).__name__}")
     n = int(n.__index__())
-    if n < 1:
-        raise ValueError(f"{name} must be a positive integer or None, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{name}: expected a positive integer (at most {MAX_THREADS}) or "
+                         f"None, got {n}")
     return n

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import _api, _dispatch, _threads
 from ._stats import KEYS as _STAT_KEYS
-from ._stats import RunningStats, _check_momentum
+from ._stats import RunningStats, _check_features, _check_momentum
 
 
 class BatchNorm:
@@ -56,19 +56,17 @@ class BatchNorm:
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32, num_threads=None,
                  check_finite=False):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
-            raise TypeError(
-                f"num_features must be a positive integer, got {type(num_features).__name__}")
-        if num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features}")
-        self.num_features = int(num_features)
+        self.num_features = _check_features(num_features)
         self.eps = _api._check_eps(eps)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        if isinstance(axis, bool) or axis not in (1, -1):
+        self.affine = _api._check_flag(affine, "affine")
+        self.track_running_stats = _api._check_flag(track_running_stats, "track_running_stats")
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis: expected the int 1 (channels-first) or -1 "
+                            f"(channels-last), got {type(axis).__name__} {axis!r}")
+        if axis not in (1, -1):
             raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last), "
                              f"got {axis!r}")
-        self.axis = axis
+        self.axis = int(axis)
         if num_threads is not None:
             num_threads = _threads._check(num_threads, "num_threads")
         self.num_threads = num_threads
@@ -127,7 +125,8 @@ class BatchNorm:
             self._momentum = _check_momentum(value)
 
     def train(self, mode=True):
-        self.training = bool(mode)
+        """Training mode (batch statistics) if mode, else eval mode; returns self."""
+        self.training = _api._check_flag(mode, "mode")
         return self
 
     def eval(self):

@@ -79,6 +79,8 @@ def test_state_dict_npz_round_trip(rng, tmp_path):
     ({"running_mean": np.zeros(4, int), "running_var": np.ones(4)}, TypeError),
     ({"running_mean": np.zeros(4), "running_var": np.ones(4),
       "num_batches_tracked": np.array(-1)}, ValueError),
+    ({"running_mean": np.zeros(4), "running_var": np.ones(4),
+      "num_batches_tracked": np.array(2.0)}, TypeError),                         # wrong kind
     ([1, 2], TypeError),
 ])
 def test_bad_state_is_refused_and_changes_nothing(rng, bad, exc):
@@ -104,7 +106,13 @@ def test_missing_count_keeps_current_and_non_strict_loading(rng):
     assert np.array_equal(s.mean, np.zeros(3))
     s.load_state_dict({}, strict=False)                # nothing to load: nothing changes
     with pytest.raises(ValueError, match="missing"):
-        s.load_state_dict({"running_mean": np.zeros(3)}, strict=False)
+        s.load_state_dict({"running_mean": np.zeros(3)})
+    # strict=False loads what is there and keeps the rest, as torch does
+    s.load_state_dict({"running_var": np.full(3, 5.0)}, strict=False)
+    assert np.array_equal(s.mean, np.zeros(3)) and np.array_equal(s.var, np.full(3, 5.0))
+    s.load_state_dict({"running_mean": np.full(3, 2.0)}, strict=False)
+    assert np.array_equal(s.mean, np.full(3, 2.0)) and np.array_equal(s.var, np.full(3, 5.0))
+    assert s.num_batches_tracked == 7
 
 
 def test_layer_momentum_is_settable_and_validated():
@@ -268,3 +276,66 @@ def test_copy_and_pickle_keep_buffers_consistent(rng):
     bn2.forward(make_x(rng, (4, 5, 6), np.float32))
     bn2.backward(make_x(rng, (4, 5, 6), np.float32))
     assert pickle.loads(pickle.dumps(bn)).stats.num_batches_tracked == 1
+
+
+def test_copies_of_torch_backed_stats_serve_torch_tensors(rng):
+    import copy
+    import pickle
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(make_x(rng, (4, 5, 6), np.float32))
+    s = fastbn.RunningStats(5, like=x)
+    fastbn.forward(x, stats=s)
+    for t in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert isinstance(t.mean, torch.Tensor) and t.num_batches_tracked == 1
+        fastbn.forward(x, stats=t)                     # was: "stats: expected ... torch"
+        fastbn.forward(x, stats=t, training=False)
+        assert t.num_batches_tracked == 2
+        assert np.shares_memory(t.mean.numpy(), t._mean)
+
+
+def test_copies_of_numpy_stats_keep_the_plain_lane(rng):
+    import copy
+    s = _trained(rng)
+    t = copy.deepcopy(s)
+    _, ctx = fastbn.forward(make_x(rng, (4, 5, 6), np.float32), stats=t)
+    assert ctx.plain                                   # the adapter is numpy's own, not a copy
+
+
+def test_assigning_mean_or_var_sets_the_buffers(rng):
+    s = _trained(rng, momentum=0.1)
+    mean_obj, var_obj = s.mean, s.var
+    s.mean = np.full(5, 5.0, np.float64)               # any float dtype: converted
+    s.var = [4.0] * 5                                   # array-likes too
+    assert s.mean is mean_obj and s.var is var_obj      # the same buffers, new values
+    assert np.array_equal(s.mean, np.full(5, 5.0)) and np.array_equal(s.var, np.full(5, 4.0))
+    assert np.array_equal(s.state_dict()["running_mean"], np.full(5, 5.0))
+    x = np.full((2, 5, 3), 5.0, np.float32)
+    y, _ = fastbn.forward(x, stats=s, training=False)   # normalised with them
+    assert np.array_equal(y, np.zeros_like(x))
+    count = s.num_batches_tracked
+    with pytest.raises(ValueError, match="^mean: expected shape"):
+        s.mean = np.zeros(4)
+    with pytest.raises(TypeError, match="^var: expected a floating-point"):
+        s.var = np.ones(5, np.int64)
+    assert np.array_equal(s.mean, np.full(5, 5.0)) and s.num_batches_tracked == count
+
+
+def test_load_finds_the_file_save_wrote(rng, tmp_path):
+    s = _trained(rng)
+    s.save(tmp_path / "ckpt")                          # writes ckpt.npz, as np.savez
+    assert (tmp_path / "ckpt.npz").exists()
+    for path in (tmp_path / "ckpt", str(tmp_path / "ckpt"), tmp_path / "ckpt.npz"):
+        t = fastbn.RunningStats(5)
+        t.load(path)
+        assert _state_bytes(t) == _state_bytes(s)
+    with pytest.raises(FileNotFoundError):
+        fastbn.RunningStats(5).load(tmp_path / "nothing")
+
+
+def test_layer_flags_are_booleans():
+    for flag in ("affine", "track_running_stats"):
+        with pytest.raises(TypeError, match=f"^{flag}: expected True or False"):
+            fastbn.BatchNorm(3, **{flag: "False"})
+    bn = fastbn.BatchNorm(3)
+    assert bn.train(False) is bn and bn.training is False
+    assert bn.train(np.bool_(True)).training is True
