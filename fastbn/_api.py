@@ -273,8 +273,14 @@ def _check_out(out, ad, shape, dtype, layout, perm, identity, C, S, argname="out
     if view is None:
         mem = "channels-first" if layout == NCHW else "channels-last"
         raise ValueError(f"{argname}: expected a contiguous array in the input's "
-                         f"{mem} memory layout, got strides {on.strides}")
+                         f"{mem} memory layout, got strides {_elem_strides(on)}")
     return view
+
+
+def _elem_strides(a):
+    """An array's strides for a message, in elements (torch's .stride(), numpy's
+    strides over the itemsize), named as such."""
+    return f"{tuple(s // a.itemsize for s in a.strides)} (in elements)"
 
 
 def _check_finite(xp, a, argname):
@@ -709,5 +715,5 @@ def _check_dy_layout(dyn, ctx):
     if _kernel_view(dyn, other, perm, identity, ctx.num_features, ctx.spatial) is not None:
         raise ValueError(f"dy: expected x's memory layout ({_MEMORY[layout]}, the layout the "
                          f"forward ran in), got a {_MEMORY[other]} contiguous array with "
-                         f"strides {tuple(dyn.strides)}; give dy x's layout (numpy: "
+                         f"strides {_elem_strides(dyn)}; give dy x's layout (numpy: "
                          f"np.empty_like(x) then copy; torch: .contiguous(memory_format=...))")

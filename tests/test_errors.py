@@ -341,3 +341,17 @@ def test_layer_check_finite():
             bn.stats.num_batches_tracked) == before
     with pytest.raises(ValueError, match="^dy: expected finite"):
         bn.backward(_nan_at(x, np.inf))
+
+
+def test_strides_in_messages_are_in_elements():
+    """torch users read .stride() (elements); numpy's byte strides would not match it."""
+    torch = _torch()
+    x = torch.ones(4, C, 5, 6)
+    out = torch.ones(4, C, 5, 12)[..., ::2]
+    with pytest.raises(ValueError, match=re.escape(f"strides {tuple(out.stride())} (in elements)")):
+        F(x, out=out)
+    _, ctx = F(x.numpy())
+    dy = _channels_last(np.ones(SHAPE, np.float32))
+    want = tuple(s // dy.itemsize for s in dy.strides)
+    with pytest.raises(ValueError, match=re.escape(f"strides {want} (in elements)")):
+        B(dy, ctx)
