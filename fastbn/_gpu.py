@@ -125,6 +125,7 @@ TILE_BYTES = 512           # channels-last: bytes of each row a tile covers at m
 REDUCE_TILE_BYTES = {2: 128, 4: 256, 8: 256}
 MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_BLOCKS_PER_SM = 32
+PER_THREAD_STREAM = 2      # cudaStreamPerThread's handle: one stream per host thread
 # Channels-first: one split per channel (one fused launch, the second read
 # from L2) when there are channels for every multiprocessor and the bytes a
 # fused launch re-reads are at most this fraction of the L2 cache.
@@ -296,7 +297,14 @@ class _Device:
         return _cupy().cuda.get_current_stream().ptr
 
     def workspace(self, n_part, n_coef, n_counter):
-        """(part float64[>= n_part], coef float64[>= n_coef], counter uint32[>= n_counter])."""
+        """(part float64[>= n_part], coef float64[>= n_coef], counter uint32[>= n_counter]).
+
+        The last-block counters are shared by the threads that launch on one
+        stream (its kernels run in turn), but cudaStreamPerThread, CuPy's
+        current stream under per-thread default streams, is a stream of each
+        thread's own with one pointer: there each thread keeps its own, or
+        two threads' kernels would run at once on one counter array and a
+        reset would leave the other's count behind for good."""
         key = self.stream_key()
         spaces = getattr(self.local, "spaces", None)
         if spaces is None:
@@ -311,13 +319,19 @@ class _Device:
         if coef is None or coef.size < n_coef:
             coef = ws[1] = self.alloc(max(n_coef, 2 * (0 if coef is None else coef.size), 64),
                                       "float64")
-        counter = self.counters.get(key)
+        if key == PER_THREAD_STREAM:
+            counters = getattr(self.local, "counters", None)
+            if counters is None:
+                counters = self.local.counters = {}
+        else:
+            counters = self.counters
+        counter = counters.get(key)
         if counter is None or counter.size < n_counter:
             with self.lock:
-                counter = self.counters.get(key)
+                counter = counters.get(key)
                 if counter is None or counter.size < n_counter:
                     size = max(n_counter, 2 * (0 if counter is None else counter.size), 64)
-                    counter = self.counters[key] = self.alloc(size, "uint32", zero=True)
+                    counter = counters[key] = self.alloc(size, "uint32", zero=True)
         return part, coef, counter
 
 
@@ -366,12 +380,21 @@ def _or0(a):
     return 0 if a is None else a
 
 
-def _check_buffers(**arrays):
+def _check_buffers(x, **arrays):
+    """Every array of a call a cupy array on x's GPU: a kernel handed a pointer
+    into another GPU's memory faults (and takes the process's CUDA context
+    with it) or, with peer access, crawls."""
     cp = _cupy()
+    did = x.device.id
     for name, a in arrays.items():
-        if a is not None and not isinstance(a, cp.ndarray):
+        if a is None:
+            continue
+        if not isinstance(a, cp.ndarray):
             raise TypeError(f"{name}: expected a cupy array on the GPU, got {type(a).__name__} "
                             "(RunningStats buffers and parameters must live on x's device)")
+        if a.device.id != did:
+            raise TypeError(f"{name}: expected an array on x's GPU ({did}), got one on "
+                            f"GPU {a.device.id}")
 
 
 def precompile(device=None):
@@ -427,7 +450,7 @@ def _setup(layout, x, aligned_arrays, reduction, ew, reread=0):
 
 def _forward_train(layout, x, y, weight, bias, mean, invstd, running_mean, running_var,
                    factor, eps):
-    _check_buffers(weight=weight, bias=bias, running_mean=running_mean,
+    _check_buffers(x, y=y, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var)
     dev, geo, stats, ew, geo_ew = _setup(layout, x, (x, y), "fbn_stats_" + layout,
                                          "fbn_ew_" + layout, reread=1)
@@ -446,7 +469,7 @@ def _forward_train(layout, x, y, weight, bias, mean, invstd, running_mean, runni
 
 
 def _forward_infer(layout, x, y, weight, bias, mean, invstd, running_mean, running_var, eps):
-    _check_buffers(weight=weight, bias=bias, running_mean=running_mean,
+    _check_buffers(x, y=y, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var)
     dev, geo, _, ew, _ = _setup(layout, x, (x, y), None, "fbn_ew_" + layout)
     ew(geo.grid, geo.block,
@@ -455,7 +478,7 @@ def _forward_infer(layout, x, y, weight, bias, mean, invstd, running_mean, runni
 
 
 def _backward(layout, x, dy, dx, mean, invstd, weight, dweight, dbias, training):
-    _check_buffers(dy=dy, weight=weight, dweight=dweight, dbias=dbias)
+    _check_buffers(x, dy=dy, dx=dx, weight=weight, dweight=dweight, dbias=dbias)
     training = bool(training)
     reduce = training or dweight is not None or dbias is not None
     dims = tuple(x.shape)

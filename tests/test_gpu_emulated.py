@@ -218,6 +218,54 @@ def test_counters_are_reset_by_the_last_block(emu, rng):
             assert not counters.any()
 
 
+def test_per_thread_default_streams_keep_counters_apart():
+    """cudaStreamPerThread (CuPy's current stream under per-thread default
+    streams) has one handle for a different stream in each thread: threads
+    must not share its last-block counters, or two threads' kernels run at
+    once on one array (a reset then leaves the other's count behind, and
+    every later call merges early).  On any other stream they do share them:
+    its kernels run in turn."""
+    import threading
+
+    from fastbn import _gpu
+
+    for key, shared in ((_gpu.PER_THREAD_STREAM, False), (0, True), (12345, True)):
+        dev = cuda_emu.make_device()
+        dev.stream_key = lambda key=key: key
+        got = []
+        for _ in range(2):
+            t = threading.Thread(target=lambda: got.append(dev.workspace(8, 8, 16)[2]))
+            t.start()
+            t.join()
+        assert (got[0] is got[1]) is shared, key
+        mine = dev.workspace(8, 8, 16)[2]
+        assert dev.workspace(8, 8, 16)[2] is mine          # kept from call to call
+        assert (mine is got[0]) is shared, key
+
+
+def test_buffers_on_another_gpu_are_refused(monkeypatch):
+    """Every array a GPU call touches must be on x's GPU (checked in the
+    backend, before any launch); the emulator has one device, so cupy arrays
+    are stood in for by objects with a device id."""
+    from types import SimpleNamespace
+
+    from fastbn import _gpu
+
+    class Arr:
+        def __init__(self, did):
+            self.device = SimpleNamespace(id=did)
+
+    monkeypatch.setattr(_gpu, "_cupy", lambda: SimpleNamespace(ndarray=Arr))
+    x = Arr(0)
+    _gpu._check_buffers(x, y=Arr(0), weight=None, running_mean=Arr(0))
+    for name in ("y", "weight", "running_var", "dy", "dx"):
+        with pytest.raises(TypeError, match=rf"^{name}: expected an array on x's GPU \(0\), "
+                                            r"got one on GPU 1"):
+            _gpu._check_buffers(x, **{name: Arr(1)})
+    with pytest.raises(TypeError, match="^bias: expected a cupy array"):
+        _gpu._check_buffers(x, bias=np.zeros(3))
+
+
 def _forced(nchw_block, nchw_splits, nhwc_tx, nhwc_ty, nhwc_splits):
     """A launch_geometry replacement with the given (valid) shapes."""
     def geometry(layout, shape, itemsize, sm_count, *, aligned=True, blocks_per_sm=4, **_):

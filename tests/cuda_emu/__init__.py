@@ -197,7 +197,7 @@ class Emulator:
         self.on = True
         monkeypatch.setattr(_gpu, "_state", lambda x: self.device)
         monkeypatch.setattr(_gpu, "_ptr", lambda a: a.ctypes.data)
-        monkeypatch.setattr(_gpu, "_check_buffers", lambda **kw: None)
+        monkeypatch.setattr(_gpu, "_check_buffers", lambda x, **kw: None)
         monkeypatch.setitem(_gpu.__dict__, "xp", np)   # (getattr would import cupy)
         if geometry is not None:
             monkeypatch.setattr(_gpu, "_geometry", geometry)
