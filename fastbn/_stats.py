@@ -165,6 +165,8 @@ class RunningStats:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        # the library's one adapter (pickles of older versions hold a copy of it)
+        self._adapter = _dispatch._named(self._adapter.name)
         self._lock = threading.Lock()
         self._wrap_buffers()
 

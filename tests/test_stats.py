@@ -299,6 +299,11 @@ def test_copies_of_numpy_stats_keep_the_plain_lane(rng):
     t = copy.deepcopy(s)
     _, ctx = fastbn.forward(make_x(rng, (4, 5, 6), np.float32), stats=t)
     assert ctx.plain                                   # the adapter is numpy's own, not a copy
+    state = s.__getstate__()                           # as older versions pickled it:
+    state["_adapter"] = type(s._adapter)()             # a copy of the adapter
+    u = fastbn.RunningStats.__new__(fastbn.RunningStats)
+    u.__setstate__(state)
+    assert u._adapter is s._adapter
 
 
 def test_assigning_mean_or_var_sets_the_buffers(rng):
