@@ -1475,6 +1475,11 @@ cdef object execute(int op, cnp.ndarray x, cnp.ndarray y, object dy, object weig
     nb = cnp.PyArray_NBYTES(y)
     j.stream = nb >= (stream_bytes // 2 if op == FWD_TRAIN_NHWC or op == FWD_INFER_NHWC
                       or (op == BWD_NHWC and not training) else stream_bytes)
+    # The streaming writers store whole aligned vectors from an element-aligned
+    # head: an output off the element grid (numpy allows one, aligned=False)
+    # takes ordinary stores (a streaming store there faults).
+    if <size_t>cnp.PyArray_DATA(y) % <size_t>cnp.PyArray_ITEMSIZE(y):
+        j.stream = False
     # Calls that touch less than 3/4 of FASTBN_STREAM_BYTES (x, y and dy together) are taken
     # to run in cache (the caller just wrote x).  Only float16 looks at it now: its
     # channels-last forward and eval-mode dx rows of at most 256 B or of 4 KiB and more

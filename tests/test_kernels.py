@@ -309,6 +309,45 @@ def stream_threshold():
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,axis", [((3, 5, 8, 40), 1), ((6, 5, 3, 70), -1),
+                                        ((9, 3, 2048), -1), ((8200, 64), 1)])
+def test_outputs_off_the_element_grid_take_ordinary_stores(rng, stream_threshold, dtype,
+                                                            shape, axis):
+    """y and dx at an address that is not a multiple of the itemsize (numpy
+    allows such views: aligned=False).  The streaming writers store aligned
+    vectors from an element-aligned head, so there a streamed output faulted
+    (SIGSEGV, every op, layout and dtype); it takes ordinary stores, with the
+    bits of an aligned output."""
+    dtype = np.dtype(dtype)
+    C = shape[axis]
+    x = make_x(rng, shape, dtype, offset=0.75)
+    dy = make_x(rng, shape, dtype)
+    w = rng.uniform(0.5, 2, C).astype(param_dtype(dtype))
+    b = rng.standard_normal(C).astype(param_dtype(dtype))
+
+    def off_grid():
+        raw = np.zeros(x.nbytes + 64, np.uint8)
+        a = raw[1:1 + x.nbytes].view(dtype).reshape(shape)
+        assert not a.flags.aligned
+        return a
+
+    stream_threshold(0)                                  # every output streamed
+    for nt in (1, 2):
+        got, want = [], []
+        for out, res in ((off_grid, got), (lambda: None, want)):
+            stats = fastbn.RunningStats(C, dtype=param_dtype(dtype))
+            y, ctx = fastbn.forward(x, w, b, stats, axis=axis, out=out(), num_threads=nt)
+            dx, _, _ = fastbn.backward(dy, ctx, out=out(), num_threads=nt)
+            yi, ictx = fastbn.forward(x, w, b, stats, axis=axis, training=False, out=out(),
+                                      num_threads=nt)
+            edx, _, _ = fastbn.backward(dy, ictx, out=out(), num_threads=nt)
+            res += [y.copy(), dx.copy(), yi.copy(), edx.copy()]
+        for g, r in zip(got, want):
+            assert g.tobytes() == r.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape,axis", [
     ((3, 5, 8, 4), 1), ((4, 3, 7, 7), 1), ((2, 9, 11, 3), 1), ((5, 4, 100), 1),
     ((2, 6, 5, 5), 1), ((4, 3, 2, 2), 1),              # runs shorter than the span minimum
