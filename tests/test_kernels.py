@@ -307,6 +307,17 @@ def stream_threshold():
     _cpu._set_stream_bytes(old)
 
 
+def _store_case(rng, shape, axis, dtype):
+    """(dtype, C, x, dy, weight, bias) for the store-kind tests below."""
+    dtype = np.dtype(dtype)
+    C = shape[axis]
+    x = make_x(rng, shape, dtype, offset=0.75)
+    dy = make_x(rng, shape, dtype)
+    w = rng.uniform(0.5, 2, C).astype(param_dtype(dtype))
+    b = rng.standard_normal(C).astype(param_dtype(dtype))
+    return dtype, C, x, dy, w, b
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape,axis", [((3, 5, 8, 40), 1), ((6, 5, 3, 70), -1),
@@ -318,12 +329,7 @@ def test_outputs_off_the_element_grid_take_ordinary_stores(rng, stream_threshold
     vectors from an element-aligned head, so there a streamed output faulted
     (SIGSEGV, every op, layout and dtype); it takes ordinary stores, with the
     bits of an aligned output."""
-    dtype = np.dtype(dtype)
-    C = shape[axis]
-    x = make_x(rng, shape, dtype, offset=0.75)
-    dy = make_x(rng, shape, dtype)
-    w = rng.uniform(0.5, 2, C).astype(param_dtype(dtype))
-    b = rng.standard_normal(C).astype(param_dtype(dtype))
+    dtype, C, x, dy, w, b = _store_case(rng, shape, axis, dtype)
 
     def off_grid():
         raw = np.zeros(x.nbytes + 64, np.uint8)
@@ -383,12 +389,7 @@ def test_streaming_and_ordinary_stores_give_the_same_bits(rng, stream_threshold,
     Eval-mode backward too (dx = a dy, which streams through the forward's
     writers as (dy - (+0)) a + (-0)): with weights of both signs and zeros of
     both signs in dy, its dx keeps the sign of a dy's zeros, bit for bit."""
-    dtype = np.dtype(dtype)
-    C = shape[axis]
-    x = make_x(rng, shape, dtype, offset=0.75)
-    dy = make_x(rng, shape, dtype)
-    w = rng.uniform(0.5, 2, C).astype(param_dtype(dtype))
-    b = rng.standard_normal(C).astype(param_dtype(dtype))
+    dtype, C, x, dy, w, b = _store_case(rng, shape, axis, dtype)
     wn = (w * np.where(np.arange(C) % 3 == 1, -1, 1)).astype(w.dtype)   # both signs
     dz = dy.copy()
     dz.flat[::5] = 0.0
