@@ -44,21 +44,23 @@ def _run_in_threads(fn, n=N_THREADS):
 
 
 # Distinct work per thread: both layouts, all dtypes, tensors large enough
-# for the multithreaded paths and small ones, OpenMP teams of 1 and 2.
+# for the multithreaded paths (32 Ki elements and more) and small ones, each
+# shape with OpenMP teams of 1 and 2.
 def _case(i):
     dtype = [np.float32, np.float64, np.float16][i % 3]
     shape, axis = [((8, 6, 30, 30), 1), ((16, 20, 20, 6), -1), ((3, 6, 7), 1),
                    ((200, 6), 1)][i % 4]
+    nt = 1 + (i // 4) % 2
     rng = np.random.default_rng(1000 + i)
     x = (rng.standard_normal(shape) * (1 + i) + i).astype(dtype)
-    if i % 8 == 5:                                   # channels-last strides, axis=1
+    if i % 8 == 4:               # (8, 6, 30, 30) with channels-last strides, axis=1
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     dy = np.empty_like(x)
     dy[...] = rng.standard_normal(shape)
     pdt = np.float64 if dtype == np.float64 else np.float32
     w = rng.uniform(0.5, 2, 6).astype(pdt)
     b = rng.standard_normal(6).astype(pdt)
-    return dict(x=x, dy=dy, w=w, b=b, axis=axis, pdt=pdt, nt=1 + i % 2)
+    return dict(x=x, dy=dy, w=w, b=b, axis=axis, pdt=pdt, nt=nt)
 
 
 def _compute(c):
@@ -75,6 +77,13 @@ def _compute(c):
 
 def test_threads_give_the_single_threaded_bits():
     cases = [_case(i) for i in range(N_THREADS)]
+    # what the cases are meant to cover: multithreaded teams on large tensors
+    # of both layouts, and x with channels-last strides read in place
+    big = [c for c in cases if c["x"].size >= 32768 and c["nt"] == 2]
+    assert {c["axis"] for c in big} == {1, -1}
+    strided = [c for c in cases if c["axis"] == 1 and c["x"].ndim == 4
+               and not c["x"].flags.c_contiguous]
+    assert strided and all(fastbn.forward(c["x"])[1].layout == "nhwc" for c in strided)
     expected = [_compute(c) for c in cases]          # one thread, one after the other
 
     def work(i):

@@ -373,9 +373,10 @@ def test_outputs_off_the_element_grid_take_ordinary_stores(rng, stream_threshold
                                 # threshold (in cache), one at a time above
     ((8200, 64), 1),            # eval-mode backward in one loop (fbn_evf), nine row
                                 # chunks shared by 2 threads, lines across chunk ends
-    ((3, 9, 49), 1),            # channels-first eval-mode dx run by run after each
+    ((80, 9, 49), 1),           # channels-first eval-mode dx run by run after each
                                 # run's sums (fbn_span_ag), vectors across runs, the
-                                # channels split 4 / 5 between 2 threads
+                                # channels split 4 / 5 between 2 threads (35,280
+                                # elements: from 32 Ki a second thread joins)
 ])
 @pytest.mark.parametrize("misalign", [0, 1, 5], ids=lambda m: f"shift{m}")
 def test_streaming_and_ordinary_stores_give_the_same_bits(rng, stream_threshold, dtype,

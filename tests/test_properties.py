@@ -267,9 +267,12 @@ def _check_against_reference(c, mode, affine, momentum, eps, count):
         assert_close(db, rdb, pdt, "dbias")
 
 
-@examples(400)
-@given(c=cases(), training=st.booleans(), threads=st.sampled_from([(1, 2), (1, 3), (2, 5)]))
+@examples(200)
+@given(c=cases(max_elements=300_000, max_dim=400), training=st.booleans(),
+       threads=st.sampled_from([(1, 2), (1, 3), (2, 5)]))
 def test_out_and_thread_count_do_not_change_a_bit(c, training, threads):
+    # Large cases: tensors under 32 Ki elements run on one thread whatever
+    # num_threads says (SERIAL_BELOW), so only these compare thread counts.
     rng, x, dy, axis = _realise(c)
     C = x.shape[axis]
     pdt = pdtype(c["dtype"])
