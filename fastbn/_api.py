@@ -171,16 +171,21 @@ def _check_x(x, axis, argname="x"):
     if dtype not in PARAM_DTYPE:
         raise _dtype_error(argname, dtype)
     if type(axis) is not int:
-        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis: expected the int 1 (channels-first) or -1 "
-                            f"(channels-last), got {type(axis).__name__} {axis!r}")
-        axis = int(axis)
+        axis = _check_axis_type(axis)
     if axis == 1 or axis == -1 or axis == ndim - 1:
         axis = 1 if axis == 1 else -1
     else:
         raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last, or "
                          f"x.ndim - 1 = {ndim - 1}), got {axis!r}")
     return ad, xn, axis
+
+
+def _check_axis_type(axis):
+    """axis as a Python int, or the TypeError for a non-integer (bool included)."""
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis: expected the int 1 (channels-first) or -1 "
+                        f"(channels-last), got {type(axis).__name__} {axis!r}")
+    return int(axis)
 
 
 def _check_flag(value, name):

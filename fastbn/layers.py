@@ -1,6 +1,5 @@
 """BatchNorm: a stateful layer for hand-written training engines."""
 
-import numbers
 import threading
 
 import numpy as np
@@ -60,13 +59,11 @@ class BatchNorm:
         self.eps = _api._check_eps(eps)
         self.affine = _api._check_flag(affine, "affine")
         self.track_running_stats = _api._check_flag(track_running_stats, "track_running_stats")
-        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis: expected the int 1 (channels-first) or -1 "
-                            f"(channels-last), got {type(axis).__name__} {axis!r}")
+        axis = _api._check_axis_type(axis)
         if axis not in (1, -1):
             raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last), "
                              f"got {axis!r}")
-        self.axis = int(axis)
+        self.axis = axis
         if num_threads is not None:
             num_threads = _threads._check(num_threads, "num_threads")
         self.num_threads = num_threads
