@@ -24,7 +24,8 @@ One table: operation x layout x shape x dtype x threads, with
 
 Contenders are interleaved round-robin (fastbn, torch, reference, copy, repeat; the
 order rotates each round) and the median of each is reported, so a noisy neighbour hurts
-all of them alike.  The copy bandwidth of a large buffer (>= 64 MiB, beyond the
+all of them alike.  A busy minute can still move one row's medians; --rounds R measures
+the whole table R times over and reports, per row, the median of the R medians.  The copy bandwidth of a large buffer (>= 64 MiB, beyond the
 last-level cache) per thread count is printed in the header.  Minor page faults in the
 timed calls are counted for fastbn and torch, and the table lists every row where either
 took one or more per call in its median sample (its time then includes the allocator's).
@@ -84,6 +85,8 @@ class Row:
     cudnn_s: Optional[float] = None
     fastbn_faults: Optional[float] = None     # minor page faults per call, median sample
     torch_faults: Optional[float] = None
+    rounds: int = 1                           # medians over this many rounds (--rounds)
+    round_times: Optional[list] = None        # each round's times, when rounds > 1
     gbps: float = field(init=False)
     copy_gbps: float = field(init=False)
     efficiency: float = field(init=False)
@@ -461,25 +464,44 @@ def cases(opts):
 
 
 def run(opts, progress=sys.stderr):
-    """Measure every row; returns (rows, copy bandwidths {threads: GB/s}, machine info)."""
+    """Measure every row; returns (rows, copy bandwidths {threads: GB/s}, machine info).
+
+    With ``opts.rounds`` > 1 the whole set of rows is measured that many times over, one
+    round after another, and each row reports the median over the rounds of each
+    contender's median: a busy minute on a shared machine then moves one round of a
+    row, not the row (the reference is timed in the first round only)."""
     use_torch = not opts.no_torch and _torch() is not None
     info = machine_info()           # before torch.set_num_threads changes the OpenMP default
     torch_threads = _torch().get_num_threads() if use_torch else None
-    total = sum(1 for _ in cases(opts)) * len(opts.ops) * len(opts.threads)
     _progress(progress, f"copy bandwidth, {BIG_COPY_BYTES >> 20} MiB buffer ...")
     bandwidths = copy_bandwidths(opts.threads, max(3, opts.repeat // 2))
+    rounds = [_round(opts, use_torch, r, progress) for r in range(opts.rounds)]
+    rows = [_merge(same) for same in zip(*rounds)]
+    if use_torch:
+        _torch().set_num_threads(torch_threads)
+    info["load_average_end"] = _load()
+    _progress(progress, "", end=True)
+    return rows, bandwidths, info
+
+
+def _round(opts, use_torch, rnd, progress):
+    """One measurement of every row (round rnd, from 0), in table order."""
+    total = sum(1 for _ in cases(opts)) * len(opts.ops) * len(opts.threads)
+    where = f"round {rnd + 1}/{opts.rounds} " if opts.rounds > 1 else ""
     rows, done = [], 0
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0)              # the same inputs in every round
     for shape, dtype, layout in cases(opts):
         inp = make_inputs(shape, dtype, layout, rng)
         E = inp.x.size
-        with_reference = not opts.no_reference and E <= REFERENCE_MAX_ELEMENTS
+        with_reference = (not opts.no_reference and E <= REFERENCE_MAX_ELEMENTS
+                          and rnd == 0)
         for op in opts.ops:
             reference_s = cuda_s = cudnn_s = None
             for j, threads in enumerate(opts.threads):
                 done += 1
-                _progress(progress, f"[{done}/{total}] {op} {layout} {_fmt_shape(shape)} "
-                                    f"{np.dtype(dtype).name} threads={threads}")
+                _progress(progress, f"{where}[{done}/{total}] {op} {layout} "
+                                    f"{_fmt_shape(shape)} {np.dtype(dtype).name} "
+                                    f"threads={threads}")
                 contenders = {
                     "fastbn": (sampler(fastbn_call(op, inp, threads), opts.min_sample_s),
                                opts.repeat)}
@@ -517,11 +539,30 @@ def run(opts, progress=sys.stderr):
                                 cudnn_s=cudnn_s, fastbn_faults=faults.get("fastbn"),
                                 torch_faults=faults.get("torch")))
         del inp
-    if use_torch:
-        _torch().set_num_threads(torch_threads)
-    info["load_average_end"] = _load()
-    _progress(progress, "", end=True)
-    return rows, bandwidths, info
+    return rows
+
+
+_ROUND_TIMES = ("fastbn_s", "copy_s", "torch_s", "torch_cuda_s", "cudnn_s")
+
+
+def _merge(same):
+    """One row from its measurements in every round: the median of each time (None
+    where a contender is absent from any round); the reference is the first round's;
+    round_times keeps each round's times when there is more than one."""
+    if len(same) == 1:
+        return same[0]
+    first = same[0]
+
+    def median(name):
+        values = [getattr(r, name) for r in same]
+        return None if any(v is None for v in values) else statistics.median(values)
+    return Row(op=first.op, layout=first.layout, shape=first.shape, dtype=first.dtype,
+               threads=first.threads, elements=first.elements, itemsize=first.itemsize,
+               floor_bytes=first.floor_bytes, samples=first.samples,
+               reference_s=first.reference_s, fastbn_faults=median("fastbn_faults"),
+               torch_faults=median("torch_faults"), rounds=len(same),
+               round_times=[{name: getattr(r, name) for name in _ROUND_TIMES} for r in same],
+               **{name: median(name) for name in _ROUND_TIMES})
 
 
 def _progress(stream, text, end=False):
@@ -560,6 +601,7 @@ def _fmt_ratio(r):
 
 
 def table(rows, bandwidths, info):
+    rounds = max((r.rounds for r in rows), default=1)
     cuda = any(r.torch_cuda_s is not None or r.cudnn_s is not None for r in rows)
     lines = [
         f"fastbn {info['fastbn']} bench: {info['cpu']}, {info['cores']} cores, "
@@ -574,7 +616,9 @@ def table(rows, bandwidths, info):
         + f"; load average {info['load_average_start']} at start, "
           f"{info['load_average_end']} at end",
         f"allocator: {info.get('malloc') or 'as the process found it'}",
-        "median time per call; GB/s = floor bytes (forward 2·E·s, backward 3·E·s) / time; "
+        ("median time per call" if rounds == 1 else
+         f"median over {rounds} rounds of the median time per call")
+        + "; GB/s = floor bytes (forward 2·E·s, backward 3·E·s) / time; "
         "eff = GB/s / copy GB/s of x's size; ×ref, ×torch: speed-up",
         "",
     ]
@@ -614,7 +658,8 @@ def to_json(rows, bandwidths, info, opts):
         "machine": info,
         "copy_bandwidth_gbps": {str(t): bw for t, bw in sorted(bandwidths.items())},
         "copy_buffer_bytes": BIG_COPY_BYTES,
-        "options": {"repeat": opts.repeat, "reference_repeat": opts.reference_repeat,
+        "options": {"repeat": opts.repeat, "rounds": opts.rounds,
+                    "reference_repeat": opts.reference_repeat,
                     "min_sample_s": opts.min_sample_s, "torch": not opts.no_torch,
                     "reference": not opts.no_reference},
         "rows": [dict(asdict(r), shape=list(r.shape)) for r in rows],
@@ -674,6 +719,10 @@ def parse_args(argv):
     p.add_argument("--layouts", type=_choices(LAYOUTS), default=list(LAYOUTS),
                    help="default nchw,nhwc (nhwc: channels-last memory, axis=-1)")
     p.add_argument("--repeat", type=int, help="samples per contender (default 15, quick 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every row this many times over, one whole round after "
+                        "another, and report the median of the rounds (default 1; odd "
+                        "counts take a true median)")
     p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     p.add_argument("--json", metavar="PATH", help="also write rows and machine info as JSON")
@@ -687,6 +736,8 @@ def parse_args(argv):
         opts.repeat = 3 if opts.quick else 15
     if opts.repeat < 1:
         p.error("--repeat must be at least 1")
+    if opts.rounds < 1:
+        p.error("--rounds must be at least 1")
     opts.reference_repeat = min(opts.repeat, 1 if opts.quick else 3)
     opts.min_sample_s = 50e-6 if opts.quick else 200e-6
     return opts

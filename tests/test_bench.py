@@ -21,7 +21,8 @@ SUITE = ROOT / "asv_benchmarks" / "benchmarks"
 ROW_FIELDS = {"op", "layout", "shape", "dtype", "threads", "elements", "itemsize",
               "floor_bytes", "fastbn_s", "copy_s", "samples", "reference_s", "torch_s",
               "torch_cuda_s", "cudnn_s", "gbps", "copy_gbps", "efficiency",
-              "speedup_reference", "speedup_torch", "fastbn_faults", "torch_faults"}
+              "speedup_reference", "speedup_torch", "fastbn_faults", "torch_faults",
+              "rounds", "round_times"}
 
 
 def _positive(v):
@@ -62,6 +63,43 @@ def test_bench_table_marks_missing_contenders(capsys):
     lines = capsys.readouterr().out.splitlines()
     row = [line for line in lines if line.startswith("forward-infer")]
     assert len(row) == 1 and row[0].count("—") == 3        # ×ref, ×torch, torch
+
+
+def _row(fastbn_s, torch_s, copy_s, faults=0.0):
+    return bench.Row(op="backward", layout="nchw", shape=(2, 3), dtype="float32", threads=1,
+                     elements=6, itemsize=4, floor_bytes=72, fastbn_s=fastbn_s, copy_s=copy_s,
+                     samples=5, reference_s=9e-6 if fastbn_s == 1e-6 else None,
+                     torch_s=torch_s, fastbn_faults=faults, torch_faults=0.0)
+
+
+def test_rounds_report_the_median_of_each_contender():
+    """A busy round moves a contender's time in that round only."""
+    row = bench._merge([_row(1e-6, 3e-6, 4e-6), _row(5e-6, 3.5e-6, 40e-6, faults=2.0),
+                        _row(2e-6, 30e-6, 5e-6)])
+    assert (row.fastbn_s, row.torch_s, row.copy_s) == (2e-6, 3.5e-6, 5e-6)
+    assert row.speedup_torch == pytest.approx(1.75) and row.rounds == 3
+    assert row.reference_s == 9e-6 and row.speedup_reference == pytest.approx(4.5)
+    assert row.fastbn_faults == 0.0
+    assert [t["fastbn_s"] for t in row.round_times] == [1e-6, 5e-6, 2e-6]
+    # a contender missing from a round has no median
+    assert bench._merge([_row(1e-6, None, 4e-6), _row(2e-6, 3e-6, 4e-6)]).torch_s is None
+    single = _row(1e-6, 3e-6, 4e-6)
+    assert bench._merge([single]) is single and single.round_times is None
+
+
+def test_bench_rounds_in_the_json_and_the_table(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--no-torch", "--shapes", "4x8x6x6", "--ops",
+                       "forward-train,backward", "--layouts", "nchw", "--threads", "1",
+                       "--repeat", "2", "--rounds", "3", "--json", str(path)]) == 0
+    assert "median over 3 rounds" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["options"]["rounds"] == 3 and len(data["rows"]) == 2
+    for r in data["rows"]:
+        assert r["rounds"] == 3 and len(r["round_times"]) == 3
+        for key in ("fastbn_s", "copy_s"):
+            assert r[key] == sorted(t[key] for t in r["round_times"])[1]
+        assert _positive(r["reference_s"])      # timed in the first round
 
 
 def test_round_robin_rotates_the_order_and_samples_each_its_count():
@@ -150,7 +188,8 @@ def test_bench_parses_shapes_of_rank_2_to_5():
 @pytest.mark.parametrize("argv", [["--shapes", "4"], ["--shapes", "2x3x4x5x6x7"],
                                   ["--shapes", "4x0x2"], ["--shapes", "4xax2"],
                                   ["--ops", "sideways"], ["--threads", "0"],
-                                  ["--dtypes", "int8"], ["--repeat", "0"]])
+                                  ["--dtypes", "int8"], ["--repeat", "0"],
+                                  ["--rounds", "0"]])
 def test_bench_rejects_bad_options(argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
