@@ -23,12 +23,13 @@ One table: operation x layout x shape x dtype x threads, with
              cudnn, timed with CUDA events.
 
 Contenders are interleaved round-robin (fastbn, torch, reference, copy, repeat; the
-order rotates each round) and the median of each is reported, so a noisy neighbour hurts
-all of them alike.  A busy minute can still move one row's medians; --rounds R measures
-the whole table R times over and reports, per row, the median of the R medians.  The copy bandwidth of a large buffer (>= 64 MiB, beyond the
-last-level cache) per thread count is printed in the header.  Minor page faults in the
-timed calls are counted for fastbn and torch, and the table lists every row where either
-took one or more per call in its median sample (its time then includes the allocator's).
+order rotates every pass) and the median of each is reported, so a noisy neighbour hurts
+all of them alike.  A busy minute can still move one row's medians: --rounds R measures
+the whole table R times over, one round after another, and reports per row the median of
+the R medians.  The copy bandwidth of a large buffer (>= 64 MiB, beyond the last-level
+cache) per thread count is printed in the header.  Minor page faults in the timed calls
+are counted for fastbn and torch, and the table lists every row where either took one or
+more per call in its median sample (its time then includes the allocator's).
 Nothing here asserts speed; --json writes every number.
 """
 
