@@ -196,6 +196,15 @@ DEF NT4_ROW = 8192          # channels-last forward rows streamed four quarters 
                             # once from here (cl_nt); A/B, 1 thread: 2048-4096 float32
                             # channels inference 0.88-0.90, training 0.90-0.97;
                             # 4 KiB rows 1.23-1.54x slower (128x1024x7x7)
+# On one thread, rows of 1-2 KiB (256-512 float32 channels, 128-256 float64)
+# streamed take the four quarters too: their three coefficient loads per
+# vector held the loop at 0.89-0.91 of a copy.  A/B of the raw kernels, rotated,
+# medians of 15-21, time four quarters / two halves, three runs: inference
+# 256x256x14x14 0.90-0.97, 64x256x28x28 0.91, 128x512x14x14 0.91-0.93; training
+# 0.95-0.98, 0.97, 0.93-0.99; in cache or under 13 MB 0.98-1.04.  Two threads
+# were even to noisy (0.94-1.09 either way); 4 KiB rows lost 2-6 % (1.02-1.07
+# on 128x1024x7x7 inference).
+DEF NT4_ALONE_ROW = 1024
 # Channels-first runs at least this long go through the streaming span writer
 # (fbn_span_nt: a vector crosses at most one run boundary, and the aligned
 # head fits in the first run for every dtype).
@@ -407,13 +416,14 @@ cdef inline void cl_dx_cached(const data_t* x, const data_t* g, data_t* y, Py_ss
 
 
 cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
-                       const void* cols, bint trained) noexcept nogil:
+                       const void* cols, bint trained, bint alone) noexcept nogil:
     """Channels-last forward element-wise over nr whole rows with streaming
     stores, in the first of these ways that applies (each walks down the
     addresses or up, see fbn_walk_down):
     - rows of NT4_ROW bytes or more (2048 float32 channels), whose coefficient
-      columns share L1 badly with the stream: four quarters at once
-      (fbn_cl_nt4), one coefficient load per four vectors;
+      columns share L1 badly with the stream, and, on one thread (alone), rows
+      of NT4_ALONE_ROW to twice that: four quarters at once (fbn_cl_nt4), one
+      coefficient load per four vectors;
     - few channels (a period of at most eight vectors, e.g. 128 float32 or 64
       float64; four for float16, but for its near placements below): one span
       with the coefficients in registers (fbn_cl_ntv);
@@ -427,8 +437,9 @@ cdef inline void cl_nt(const data_t* x, data_t* y, Py_ssize_t nr, Py_ssize_t C,
     cdef Py_ssize_t h = nr // 2
     cdef Py_ssize_t q = nr // 4
     cdef bint near = data_t is half_t and fbn_near(x, y)
-    if data_t is not half_t and C * <Py_ssize_t>sizeof(data_t) >= NT4_ROW and q > 0 \
-            and (q * C * <Py_ssize_t>sizeof(data_t)) % 64 == 0:
+    cdef Py_ssize_t row = C * <Py_ssize_t>sizeof(data_t)
+    if data_t is not half_t and q > 0 and (q * row) % 64 == 0 and (
+            row >= NT4_ROW or (alone and NT4_ALONE_ROW <= row <= 2 * NT4_ALONE_ROW)):
         if data_t is float:
             fbn_cl_nt4_f32(x, y, q * C, q * C, C, <const float*>cols)
         else:
@@ -1162,7 +1173,7 @@ cdef inline void nhwc_fused_chunk(Job* j, const data_t* x, const data_t* g, Py_s
             fbn_sfence()
         return
     tile_sums(x, g, C, r0, r1, 0, C, shift, &part[2 * q * C], &part[(2 * q + 1) * C])
-    nhwc_ew_rows(j, x, g, 2, r0, r1, False, cols, cf, <const double*>NULL)
+    nhwc_ew_rows(j, x, g, 2, r0, r1, False, cols, cf, <const double*>NULL, False)
     if j.stream:
         fbn_sfence()
 
@@ -1240,20 +1251,20 @@ cdef inline void nhwc_ew_share(Job* j, const data_t* x, const data_t* g, int op,
         r1 = (t + 1) * rb
         if r1 > j.N:
             r1 = j.N
-        nhwc_ew_rows(j, x, g, op, t * rb, r1, reduce, cols, cf, dcols)
+        nhwc_ew_rows(j, x, g, op, t * rb, r1, reduce, cols, cf, dcols, nt == 1)
     if j.stream:
         fbn_sfence()
 
 
 cdef inline void nhwc_ew_rows(Job* j, const data_t* x, const data_t* g, int op, Py_ssize_t r0,
                               Py_ssize_t r1, bint trained, const void* cols, const double* cf,
-                              const double* dcols) noexcept nogil:
+                              const double* dcols, bint alone) noexcept nogil:
     """The element-wise op on rows [r0, r1): streamed (see Job.stream) by the
     forward's writer (op 2, a dy, as y = (dy - 0) a + b: see coefs_range) or
     the training dx's; else the float16 dx line kernel or the tile pass."""
     cdef Py_ssize_t o = r0 * j.C
     if op != 1 and j.stream:
-        cl_nt((x if op == 0 else g) + o, <data_t*>j.y + o, r1 - r0, j.C, cols, trained)
+        cl_nt((x if op == 0 else g) + o, <data_t*>j.y + o, r1 - r0, j.C, cols, trained, alone)
     elif op == 1 and j.stream:
         cl_dx_nt(x + o, g + o, <data_t*>j.y + o, (r1 - r0) * j.C, j.C, dcols)
     elif op == 1 and data_t is half_t and (j.C <= 1024 or not j.cached):
