@@ -198,13 +198,15 @@ DEF NT4_ROW = 8192          # channels-last forward rows streamed four quarters 
                             # 4 KiB rows 1.23-1.54x slower (128x1024x7x7)
 # On one thread, rows of 1-2 KiB (256-512 float32 channels, 128-256 float64)
 # streamed take the four quarters too: their three coefficient loads per
-# vector held the loop at 0.89-0.91 of a copy.  A/B of the raw kernels, rotated,
-# medians of 15-21, time four quarters / two halves, three runs: inference
-# 256x256x14x14 0.90-0.97, 64x256x28x28 0.91, 128x512x14x14 0.91-0.94; training
-# 0.95-0.98, 0.97, 0.93-0.99; in cache or under 13 MB 0.98-1.04; float64
-# 256x128x14x14 and 128x256x14x14 0.98-1.00.  Two threads
-# were even to noisy (0.94-1.09 either way); 4 KiB rows lost up to 7 % (1.00-1.07
-# on 128x1024x7x7 inference).
+# vector held the loop at 0.89-0.91 of a copy.  A/B of the raw kernels,
+# rotated, medians of 15-21, time four quarters / two halves, three runs:
+# inference 256x256x14x14 0.90-0.97, 64x256x28x28 0.91, 128x512x14x14
+# 0.91-0.94; training 0.95-0.98, 0.97, 0.93-0.99; in cache or under 13 MB
+# 0.98-1.04; float64 256x128x14x14 and 128x256x14x14 0.98-1.00.  Called cold
+# (after other work, --method cold) 256x256x14x14 inference 0.99, training
+# 0.96: the cold misses hide most of what the loads cost.  Two threads
+# were even to noisy (0.94-1.09 either way); 4 KiB rows lost up to 7 %
+# (1.00-1.07 on 128x1024x7x7 inference, against 1.23-1.54 when NT4_ROW was set).
 DEF NT4_ALONE_ROW = 1024
 # Channels-first runs at least this long go through the streaming span writer
 # (fbn_span_nt: a vector crosses at most one run boundary, and the aligned

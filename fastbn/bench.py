@@ -42,7 +42,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -552,18 +552,15 @@ def _merge(same):
     round_times keeps each round's times when there is more than one."""
     if len(same) == 1:
         return same[0]
-    first = same[0]
 
     def median(name):
         values = [getattr(r, name) for r in same]
         return None if any(v is None for v in values) else statistics.median(values)
-    return Row(op=first.op, layout=first.layout, shape=first.shape, dtype=first.dtype,
-               threads=first.threads, elements=first.elements, itemsize=first.itemsize,
-               floor_bytes=first.floor_bytes, samples=first.samples,
-               reference_s=first.reference_s, fastbn_faults=median("fastbn_faults"),
-               torch_faults=median("torch_faults"), rounds=len(same),
-               round_times=[{name: getattr(r, name) for name in _ROUND_TIMES} for r in same],
-               **{name: median(name) for name in _ROUND_TIMES})
+    return replace(same[0], fastbn_faults=median("fastbn_faults"),
+                   torch_faults=median("torch_faults"), rounds=len(same),
+                   round_times=[{name: getattr(r, name) for name in _ROUND_TIMES}
+                                for r in same],
+                   **{name: median(name) for name in _ROUND_TIMES})
 
 
 def _progress(stream, text, end=False):
